@@ -1,0 +1,35 @@
+"""Shared entrypoint plumbing: connect to Ray (cluster, or an embedded local one) and fail with one line."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def connect_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def storage_options(endpoint_url: str | None) -> tuple[tuple[str, str], ...]:
+    url = endpoint_url or os.environ.get("FACEMILL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    return (("endpoint_url", url),) if url else ()

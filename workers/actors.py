@@ -1,0 +1,244 @@
+"""Ray-side callables of the prepare pipeline: thin wrappers around decode, the face engine and storage.
+
+Each shard travels as one row. ``decode_shard`` (CPU task) reads and decodes its files into one packed
+pixel buffer; ``FaceActor`` (GPU or CPU actor) runs detect -> align -> embed on several shards at once and
+returns each shard's tables; ``write_shard`` (CPU task) JPEG-encodes the crops and commits the shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+import schemas as S
+from workers import records, storage
+from workers.decode import DecodeConfig, decode_image
+
+log = logging.getLogger(__name__)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def decode_shard(row: dict, *, storage_options: dict | None, decode: DecodeConfig) -> dict:
+    """Read and decode a shard's files.
+
+    Args:
+        row: shard, uris, identities, fingerprints (lists).
+        storage_options: fsspec options.
+        decode: decode limits.
+
+    Returns:
+        The row plus heights, widths, errors, details (per file) and pixels: the RGB bytes of the decoded
+        images concatenated in order (image i is heights[i] * widths[i] * 3 bytes; failed files add none).
+    """
+    uris = list(row["uris"])
+    blobs = storage.read_many(uris, storage_options)
+    heights, widths, errors, details, parts = [], [], [], [], []
+    for blob in blobs:  # per file by nature: each is its own compressed stream
+        if isinstance(blob, Exception):
+            res_img, err, detail = None, S.ERR_READ, f"{type(blob).__name__}: {blob}"[:300]
+        else:
+            res = decode_image(blob, decode)
+            res_img, err, detail = res.image, res.error, res.detail
+        h, w = (res_img.shape[:2] if res_img is not None else (0, 0))
+        heights.append(h), widths.append(w), errors.append(err), details.append(detail)
+        if res_img is not None:
+            parts.append(np.ascontiguousarray(res_img).reshape(-1))
+    pixels = np.concatenate(parts).tobytes() if parts else b""
+    return {**row, "uris": uris, "heights": heights, "widths": widths, "errors": errors, "details": details,
+            "pixels": pixels}
+
+
+def unpack_images(pixels: bytes, heights, widths) -> list[np.ndarray]:
+    """Views uint8[H, W, 3] into a packed pixel buffer, for the images with H > 0."""
+    buf = np.frombuffer(pixels, np.uint8)
+    out, offset = [], 0
+    for h, w in zip(heights, widths):
+        if h:
+            n = int(h) * int(w) * 3
+            out.append(buf[offset:offset + n].reshape(int(h), int(w), 3))
+            offset += n
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+    """What a face actor loads and how it runs.
+
+    Attributes:
+        engine: the face stage settings (workers.faces.engine.EngineConfig).
+        embedder: registry name or exported directory.
+        device: "auto" (CUDA if the actor has a GPU), "cuda" or "cpu".
+        run_id: recorded in every row.
+        max_pixels_per_pass: images of a call are processed in passes of at most this many pixels.
+        torch_threads: intra-op threads on CPU (0: leave torch's default).
+        half: run the nets in float16 on CUDA.
+    """
+
+    engine: object
+    embedder: str = "sface"
+    device: str = "auto"
+    run_id: str = ""
+    max_pixels_per_pass: int = 64 * 1000 * 1000
+    torch_threads: int = 0
+    half: bool = False
+
+
+class FaceActor:
+    """Ray Data callable class: loads MTCNN and the embedder once, then processes batches of shards."""
+
+    def __init__(self, config: ActorConfig):
+        import torch
+
+        from workers.faces.embedders import load_embedder
+        from workers.faces.engine import FaceEngine
+        from workers.faces.mtcnn import MTCNN
+
+        if config.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = config.device
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.embedder = load_embedder(config.embedder, device)
+        detector = MTCNN.pretrained(config.engine.mtcnn, device)
+        self.engine = FaceEngine(detector, self.embedder.module, config.engine)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Process shards.
+
+        Args:
+            batch: columns of decoded shard rows (see :func:`decode_shard`).
+
+        Returns:
+            Columns shard, images_ipc, faces_ipc (one Arrow IPC stream per shard; faces carry raw crops).
+        """
+        n_shards = len(batch["shard"])
+        per_shard = [unpack_images(batch["pixels"][i], batch["heights"][i], batch["widths"][i])
+                     for i in range(n_shards)]
+        images = [im for ims in per_shard for im in ims]
+        results, failed = self._process(images)
+        owner = np.repeat(np.arange(n_shards), [len(ims) for ims in per_shard])
+        first = np.concatenate([[0], np.cumsum([len(ims) for ims in per_shard])])
+        out_img, out_faces = [], []
+        for i in range(n_shards):  # per shard (a few per call): slicing whole arrays
+            out_img_i, out_faces_i = self._shard_tables(batch, i, results, failed, owner, first)
+            out_img.append(out_img_i), out_faces.append(out_faces_i)
+        return {"shard": np.asarray(batch["shard"]), "images_ipc": np.array(out_img, dtype=object),
+                "faces_ipc": np.array(out_faces, dtype=object)}
+
+    def _process(self, images: list[np.ndarray]):
+        """Run the engine in passes bounded by pixels; a failing pass is retried image by image."""
+        from workers.faces.engine import FaceResults
+
+        passes, cur, cur_px = [], [], 0
+        for i, im in enumerate(images):
+            px = im.shape[0] * im.shape[1]
+            if cur and cur_px + px > self.config.max_pixels_per_pass:
+                passes.append(cur)
+                cur, cur_px = [], 0
+            cur.append(i)
+            cur_px += px
+        if cur:
+            passes.append(cur)
+        parts, failed = [], {}
+        for idx in passes:
+            try:
+                parts.append((idx, self.engine.process([images[i] for i in idx])))
+            except Exception as exc:  # noqa: BLE001 - isolate the image(s) at fault, record, go on
+                if len(idx) == 1:
+                    failed[idx[0]] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                log.warning("face pass of %d images failed (%s); retrying one by one", len(idx), exc)
+                for i in idx:
+                    try:
+                        parts.append(([i], self.engine.process([images[i]])))
+                    except Exception as exc1:  # noqa: BLE001
+                        failed[i] = f"{type(exc1).__name__}: {exc1}"[:300]
+        merged = _merge_results(parts, len(images), FaceResults, self.embedder.spec.embedding_dim,
+                                self.config.engine.align.size)
+        return merged, failed
+
+    def _shard_tables(self, batch, i, res, failed, owner, first):
+        uris = list(batch["uris"][i])
+        heights = np.asarray(batch["heights"][i], np.int64)
+        widths = np.asarray(batch["widths"][i], np.int64)
+        errors = list(batch["errors"][i])
+        details = list(batch["details"][i])
+        decoded = np.nonzero(heights > 0)[0]                     # shard-local index of each decoded image
+        lo, hi = first[i], first[i + 1]
+        num_faces = np.zeros(len(uris), np.int32)
+        num_faces[decoded] = res.num_faces[lo:hi]
+        for g in range(lo, hi):
+            if g in failed:
+                errors[decoded[g - lo]] = S.ERR_PROCESS
+                details[decoded[g - lo]] = failed[g]
+        sel = (res.image_index >= lo) & (res.image_index < hi)
+        spec = self.embedder.spec
+        identities = list(batch["identities"][i])
+        images = records.images_table(
+            shard=batch["shard"][i], uris=uris, identities=identities,
+            fingerprints=list(batch["fingerprints"][i]), widths=widths, heights=heights, errors=errors,
+            details=details, num_faces=num_faces, run_id=self.config.run_id)
+        faces = records.faces_table(
+            shard=batch["shard"][i], uris=uris, identities=identities,
+            image_index=decoded[res.image_index[sel] - lo], boxes=res.boxes[sel], scores=res.scores[sel],
+            landmarks=res.landmarks[sel], crops=res.crops[sel], embeddings=res.embeddings[sel],
+            embedder=spec.name, embedder_version=spec.version, run_id=self.config.run_id)
+        return _ipc(images), _ipc(faces)
+
+
+def _merge_results(parts, n_images, cls, dim, size):
+    """Concatenate per-pass results, re-basing image indices onto the call's image order."""
+    num_faces = np.zeros(n_images, np.int32)
+    fields = {k: [] for k in ("image_index", "boxes", "scores", "landmarks", "crops", "embeddings")}
+    for idx, r in sorted(parts, key=lambda p: p[0][0]):
+        idx = np.asarray(idx)
+        num_faces[idx] = r.num_faces
+        fields["image_index"].append(idx[r.image_index])
+        for k in ("boxes", "scores", "landmarks", "crops", "embeddings"):
+            fields[k].append(getattr(r, k))
+    empty = {"image_index": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
+             "scores": np.zeros(0, np.float32), "landmarks": np.zeros((0, 5, 2), np.float32),
+             "crops": np.zeros((0, size, size, 3), np.uint8), "embeddings": np.zeros((0, dim), np.float32)}
+    merged = {k: (np.concatenate(v) if v else empty[k]) for k, v in fields.items()}
+    return cls(num_faces=num_faces, **merged)
+
+
+def write_shard(row: dict, *, output: str, storage_options: dict | None, crop_size: int,
+                crop_quality: int) -> dict:
+    """Encode crops and commit one shard; returns the shard's summary row."""
+    images = _from_ipc(row["images_ipc"])
+    faces = _from_ipc(row["faces_ipc"])
+    crops = records.encode_crops(faces.column(S.CROP).combine_chunks(), crop_size, crop_quality)
+    faces = faces.set_column(faces.schema.get_field_index(S.CROP), faces.schema.field(S.CROP), crops)
+    status = Counter(images.column(S.STATUS).to_pylist())
+    reasons = Counter(e for e in images.column(S.ERROR).to_pylist() if e)
+    marker = {"images": images.num_rows, "faces": faces.num_rows, "status": dict(status)}
+    storage.commit_shard(output, row["shard"], {S.IMAGES: images, S.FACES: faces}, marker, storage_options)
+    boxes = faces.column(S.BOX).combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    return {
+        "shard": row["shard"], "images": images.num_rows, "faces": faces.num_rows,
+        "ok": status.get(S.STATUS_OK, 0), "no_face": status.get(S.STATUS_NO_FACE, 0),
+        "error": status.get(S.STATUS_ERROR, 0), "reasons": json.dumps(dict(reasons)),
+        "face_sizes": np.sqrt(np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), 1)).astype(np.float32),
+        "face_scores": faces.column(S.SCORE).to_numpy().astype(np.float32), "written_at": time.time(),
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,113 @@
+"""Face alignment: least-squares similarity transforms (Umeyama 1991) of 5 landmarks onto a template,
+and one batched warp of all faces.
+
+Coordinates are OpenCV's pixel centres (pixel (r, c) at x=c, y=r), as in ``cv2.warpAffine``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from workers.faces.resample import sample_patches
+
+# The 5-point template of ArcFace / InsightFace (and OpenCV's SFace), for 112x112 crops:
+# left eye, right eye, nose tip, left mouth corner, right mouth corner.
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Aligned crop geometry.
+
+    Attributes:
+        size: output side in pixels (the ArcFace template is defined at 112 and scaled to this size).
+        margin: extra fraction of the side added around the template on every edge (0: ArcFace framing);
+            the output stays ``size`` pixels, so the face shrinks by 1 / (1 + 2 * margin).
+        template: 5 (x, y) points at 112 x 112.
+    """
+
+    size: int = 112
+    margin: float = 0.0
+    template: tuple[tuple[float, float], ...] = ARCFACE_TEMPLATE_112
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if len(self.template) != 5:
+            raise ValueError(f"template must have 5 points, got {len(self.template)}")
+
+    def points(self) -> torch.Tensor:
+        """Template points float32[5, 2] in output pixels for this size and margin."""
+        t = torch.tensor(self.template, dtype=torch.float32)
+        # Scale about pixel edges: centre coordinate c maps to (c + 0.5) * k - 0.5.
+        k = self.size / 112.0 / (1 + 2 * self.margin)
+        offset = (self.size - 112.0 * k) / 2
+        return (t + 0.5) * k - 0.5 + offset
+
+
+def umeyama(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity transforms (rotation, uniform scale, translation), batched.
+
+    Minimises sum_i || s R src_i + t - dst_i ||^2 for each item (Umeyama 1991, reflection excluded).
+
+    Args:
+        src: float[N, P, 2] points (P >= 2).
+        dst: float[N, P, 2] or [P, 2] target points.
+
+    Returns:
+        float[N, 2, 3] matrices M with dst ~= M @ [x, y, 1].
+
+    Raises:
+        ValueError: shapes do not match.
+    """
+    if src.ndim != 3 or src.shape[-1] != 2:
+        raise ValueError(f"src must be [N, P, 2], got {tuple(src.shape)}")
+    dst = dst.expand_as(src) if dst.ndim == 2 else dst
+    if dst.shape != src.shape:
+        raise ValueError(f"dst must be [P, 2] or {tuple(src.shape)}, got {tuple(dst.shape)}")
+    x, y = src.double(), dst.double()
+    mx, my = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
+    xc, yc = x - mx, y - my
+    var_x = xc.square().sum((1, 2)) / x.shape[1]
+    cov = yc.transpose(1, 2) @ xc / x.shape[1]                        # [N, 2, 2]
+    u, d, vt = torch.linalg.svd(cov)
+    sign = torch.ones_like(d)
+    sign[:, 1] = torch.sign(torch.linalg.det(u) * torch.linalg.det(vt))
+    sign[sign == 0] = 1
+    r = u @ torch.diag_embed(sign) @ vt
+    scale = (d * sign).sum(1) / var_x.clamp_min(1e-12)
+    t = my.squeeze(1) - scale[:, None] * (r @ mx.transpose(1, 2)).squeeze(2)
+    return torch.cat([scale[:, None, None] * r, t[:, :, None]], 2).to(src.dtype)
+
+
+def invert_affine(m: torch.Tensor) -> torch.Tensor:
+    """Invert float[N, 2, 3] affine maps."""
+    a, t = m[:, :, :2], m[:, :, 2:]
+    a_inv = torch.linalg.inv(a)
+    return torch.cat([a_inv, -a_inv @ t], 2)
+
+
+def align_faces(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Tensor, landmarks: torch.Tensor,
+                config: AlignConfig = AlignConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp every face onto the template.
+
+    Args:
+        batch: float[B, 3, H_max, W_max] padded RGB images (0..255).
+        sizes: int64[B, 2] valid (H, W).
+        image_index: int64[F] image of each face.
+        landmarks: float[F, 5, 2] (x, y) pixel centres in the original image.
+        config: output geometry.
+
+    Returns:
+        crops: uint8[F, size, size, 3] RGB.
+        transforms: float32[F, 2, 3] image -> crop similarity transforms.
+    """
+    dst = config.points().to(landmarks.device)
+    m = umeyama(landmarks.float(), dst)
+    patches = sample_patches(batch, sizes, image_index, invert_affine(m), (config.size, config.size))
+    crops = patches.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return crops, m

@@ -1,0 +1,103 @@
+"""detect -> align -> embed over a batch of images of different sizes (pure torch, no Ray)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workers.faces.align import AlignConfig, align_faces
+from workers.faces.mtcnn import MTCNN, MTCNNConfig
+from workers.faces.resample import pad_images
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the whole face stage.
+
+    Attributes:
+        mtcnn: detection settings.
+        align: aligned crop geometry (must match the embedder's input size).
+        embed_batch_size: faces per embedder forward pass.
+    """
+
+    mtcnn: MTCNNConfig = MTCNNConfig()
+    align: AlignConfig = AlignConfig()
+    embed_batch_size: int = 256
+
+
+@dataclasses.dataclass
+class FaceResults:
+    """Faces of a batch of B images, flat over the F faces found (host numpy arrays).
+
+    Attributes:
+        num_faces: int32[B] faces per image.
+        image_index: int64[F] image of each face, non-decreasing; faces of an image are ranked best first.
+        boxes: float32[F, 4] x1 y1 x2 y2 pixel edges in the original image.
+        scores: float32[F] O-Net face probability.
+        landmarks: float32[F, 5, 2] (x, y) pixel centres.
+        crops: uint8[F, S, S, 3] aligned RGB crops.
+        embeddings: float32[F, D] L2-normalised.
+    """
+
+    num_faces: np.ndarray
+    image_index: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+    crops: np.ndarray
+    embeddings: np.ndarray
+
+
+def embed_crops(module: nn.Module, crops: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised embeddings of aligned crops.
+
+    Args:
+        module: embedder taking float[N, 3, S, S] RGB 0..255, returning float[N, D].
+        crops: uint8[N, S, S, 3] RGB, on the module's device.
+        batch_size: faces per forward pass.
+
+    Returns:
+        float32[N, D] unit vectors.
+    """
+    outs = [F.normalize(module(chunk.permute(0, 3, 1, 2).float()).float(), dim=1)
+            for chunk in crops.split(batch_size)]
+    if outs:
+        return torch.cat(outs)
+    dim = getattr(module, "embedding_dim", 128)
+    return torch.zeros((0, dim), device=crops.device)
+
+
+class FaceEngine:
+    """Holds the loaded models; :meth:`process` runs the whole stage on one batch."""
+
+    def __init__(self, detector: MTCNN, embedder: nn.Module, config: EngineConfig = EngineConfig()):
+        self.detector, self.embedder, self.config = detector, embedder.eval(), config
+
+    @property
+    def device(self) -> torch.device:
+        return self.detector.device
+
+    @torch.inference_mode()
+    def process(self, images: list) -> FaceResults:
+        """Detect, align and embed every face.
+
+        Args:
+            images: B RGB images uint8[H_i, W_i, 3] of any sizes.
+
+        Returns:
+            :class:`FaceResults` on the host.
+        """
+        batch, sizes = pad_images(images, self.device)
+        batch = batch.float()
+        det = self.detector.detect([], batch=batch, sizes=sizes)
+        image_index, boxes, scores, landmarks = det.flat()
+        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align)
+        emb = embed_crops(self.embedder, crops, self.config.embed_batch_size)
+        return FaceResults(
+            num_faces=det.num_faces.int().cpu().numpy(), image_index=image_index.cpu().numpy(),
+            boxes=boxes.float().cpu().numpy(), scores=scores.float().cpu().numpy(),
+            landmarks=landmarks.float().cpu().numpy(), crops=crops.cpu().numpy(),
+            embeddings=emb.cpu().numpy())

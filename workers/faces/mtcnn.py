@@ -1,0 +1,374 @@
+"""MTCNN (Zhang et al. 2016) face detection, batched over images of different sizes.
+
+P-Net (12x12, fully convolutional) scans an image pyramid; R-Net (24x24) and O-Net (48x48) re-score and
+refine the surviving boxes; O-Net also returns 5 landmarks. Every stage runs on the whole batch at once:
+pyramid levels are batched across images (area resize by matrix products), candidates of all images go
+through one NMS call per stage, and the R-Net / O-Net crops of all boxes are cut by one ``grid_sample``.
+
+Weights are the original (Caffe/MATLAB) MTCNN weights shipped as data by the PyPI package ``mtcnn==1.0.0``
+(Keras layout: conv kernels HWIO, PReLU alphas (1, 1, C), dense (in, out)); they are converted here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workers.faces.nms import batched_nms
+from workers.faces.resample import box_to_affine, pad_images, resize_area, sample_patches
+from workers.faces.weights import MTCNN_MODELS, resolve
+
+
+@dataclasses.dataclass(frozen=True)
+class MTCNNConfig:
+    """Detection settings.
+
+    Attributes:
+        min_face_size: smallest face side searched, in pixels (sets the first pyramid scale 12 / size).
+        thresholds: face-probability thresholds of P-Net, R-Net and O-Net.
+        factor: scale ratio between pyramid levels.
+        nms_thresholds: IoU thresholds of NMS inside each pyramid level, over all P-Net boxes, after
+            R-Net, and after O-Net (the last uses intersection over the smaller box).
+        select: "all" faces, only the "largest", or only the one nearest the image "center".
+        max_faces: keep at most this many faces per image, best first (0: no limit).
+        crop_supersample: bilinear samples per axis averaged into each R-Net/O-Net input pixel.
+        max_candidates_per_level: P-Net candidates kept per image and level before NMS (by score).
+    """
+
+    min_face_size: int = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+    nms_thresholds: tuple[float, float, float, float] = (0.5, 0.7, 0.7, 0.7)
+    select: Literal["all", "largest", "center"] = "all"
+    max_faces: int = 0
+    crop_supersample: int = 2
+    max_candidates_per_level: int = 2000
+
+    def __post_init__(self):
+        if self.min_face_size < 12:
+            raise ValueError(f"min_face_size must be >= 12 pixels, got {self.min_face_size}")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {self.factor}")
+        if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
+            raise ValueError(f"thresholds must be 3 values in [0, 1], got {self.thresholds}")
+        if self.select not in ("all", "largest", "center"):
+            raise ValueError(f"select must be 'all', 'largest' or 'center', got {self.select!r}")
+
+
+class PNet(nn.Module):
+    """Proposal net: uint8-normalised float[B, 3, H, W] -> (face prob [B, H', W'], box reg [B, 4, H', W'])."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.score, self.reg = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x)
+
+
+class RNet(nn.Module):
+    """Refine net: float[N, 3, 24, 24] -> (face prob [N], box reg [N, 4])."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.score, self.reg = nn.Linear(128, 2), nn.Linear(128, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(x))
+        # Caffe/MATLAB order: features flattened as (W, H, C).
+        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).flatten(1)))
+        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x)
+
+
+class ONet(nn.Module):
+    """Output net: float[N, 3, 48, 48] -> (face prob [N], box reg [N, 4], landmarks [N, 10] as x1..x5 y1..y5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.score, self.reg, self.landmarks = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).flatten(1)))
+        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x), self.landmarks(x)
+
+
+# Order of the arrays in the Keras weight files, as (module attribute, parameter) per array.
+_KERAS_ORDER = {
+    "pnet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "reg", "score"],
+    "rnet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "dense4", "prelu4", "reg", "score"],
+    "onet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "conv4", "prelu4", "dense5", "prelu5",
+             "reg", "landmarks", "score"],
+}
+
+
+def keras_to_state_dict(arrays: list[np.ndarray], stage: str) -> dict[str, torch.Tensor]:
+    """Convert one MTCNN stage's Keras arrays to a torch state_dict.
+
+    Args:
+        arrays: the list stored in ``mtcnn/assets/weights/<stage>.lz4``: per conv a kernel float[kh, kw, in,
+            out] and a bias, per PReLU alphas float[1, 1, C] or [C], per dense a kernel float[in, out] and
+            a bias.
+        stage: "pnet", "rnet" or "onet".
+
+    Returns:
+        state_dict for :class:`PNet`, :class:`RNet` or :class:`ONet`.
+
+    Raises:
+        ValueError: the arrays do not match the stage's layout.
+    """
+    out: dict[str, torch.Tensor] = {}
+    it = iter(arrays)
+    try:
+        for name in _KERAS_ORDER[stage]:
+            if name.startswith("prelu"):
+                out[f"{name}.weight"] = torch.from_numpy(np.asarray(next(it), np.float32).reshape(-1))
+                continue
+            kernel = np.asarray(next(it), np.float32)
+            if kernel.ndim == 4:      # HWIO -> OIHW
+                kernel = kernel.transpose(3, 2, 0, 1)
+            elif kernel.ndim == 2:    # (in, out) -> (out, in)
+                kernel = kernel.T
+            else:
+                raise ValueError(f"{stage}.{name}: unexpected kernel shape {kernel.shape}")
+            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
+            out[f"{name}.bias"] = torch.from_numpy(np.asarray(next(it), np.float32))
+    except StopIteration:
+        raise ValueError(f"{stage}: weight file has {len(arrays)} arrays, too few") from None
+    if next(it, None) is not None:
+        raise ValueError(f"{stage}: weight file has {len(arrays)} arrays, too many")
+    return out
+
+
+def load_mtcnn_nets(device: torch.device | str = "cpu") -> tuple[PNet, RNet, ONet]:
+    """Build the three nets with the pretrained weights (read from the ``mtcnn`` package's data files)."""
+    import joblib
+
+    nets = []
+    for stage, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet)):
+        arrays = joblib.load(resolve(MTCNN_MODELS[stage].weights))
+        net = cls()
+        net.load_state_dict(keras_to_state_dict(arrays, stage))
+        nets.append(net.eval().to(device))
+    return tuple(nets)
+
+
+@dataclasses.dataclass
+class Detections:
+    """Faces found in a batch of B images, padded to K = max faces per image.
+
+    Attributes:
+        boxes: float32[B, K, 4], x1 y1 x2 y2 pixel edges in the original image.
+        scores: float32[B, K], O-Net face probability.
+        landmarks: float32[B, K, 5, 2], (x, y) pixel centres: left eye, right eye, nose, mouth left, right.
+        num_faces: int64[B]; entries at k >= num_faces[b] are zero padding.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    landmarks: torch.Tensor
+    num_faces: torch.Tensor
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Valid faces only: (image_index int64[F], boxes [F, 4], scores [F], landmarks [F, 5, 2])."""
+        k = self.boxes.shape[1]
+        valid = torch.arange(k, device=self.boxes.device)[None, :] < self.num_faces[:, None]
+        image_index = torch.nonzero(valid)[:, 0]
+        return image_index, self.boxes[valid], self.scores[valid], self.landmarks[valid]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - 127.5) * 0.0078125
+
+
+def _square(boxes: torch.Tensor) -> torch.Tensor:
+    """Grow float[N, 4] boxes to squares of side max(w, h), same centre."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    side = wh.max(1, keepdim=True).values
+    centre = boxes[:, :2] + wh / 2
+    return torch.cat([centre - side / 2, centre + side / 2], 1)
+
+
+def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """Apply MTCNN box regression: offsets float[N, 4] in units of box width / height."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    return boxes + reg * wh
+
+
+def pyramid_scales(min_side: torch.Tensor, config: MTCNNConfig) -> list[float]:
+    """Scales of the image pyramid for the largest min side of a batch (smaller images use a prefix).
+
+    Args:
+        min_side: int64[B] min(H, W) per image.
+        config: detection settings.
+
+    Returns:
+        Scales m * factor^k, m = 12 / min_face_size, while min_side_max * scale >= 12.
+    """
+    m = 12.0 / config.min_face_size
+    longest = float(min_side.max()) if min_side.numel() else 0.0
+    scales, s = [], m
+    while longest * s >= 12:
+        scales.append(s)
+        s *= config.factor
+    return scales
+
+
+class MTCNN(nn.Module):
+    """The three-stage cascade over a batch of images of different sizes.
+
+    Example:
+        >>> detector = MTCNN.pretrained(MTCNNConfig(), device="cuda")
+        >>> det = detector.detect([img_a, img_b])   # uint8[H_i, W_i, 3] RGB each
+    """
+
+    def __init__(self, pnet: PNet, rnet: RNet, onet: ONet, config: MTCNNConfig = MTCNNConfig()):
+        super().__init__()
+        self.pnet, self.rnet, self.onet, self.config = pnet, rnet, onet, config
+
+    @classmethod
+    def pretrained(cls, config: MTCNNConfig = MTCNNConfig(), device: torch.device | str = "cpu") -> "MTCNN":
+        return cls(*load_mtcnn_nets(device), config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pnet.conv1.weight.device
+
+    @torch.inference_mode()
+    def detect(self, images: list, batch: torch.Tensor | None = None,
+               sizes: torch.Tensor | None = None) -> Detections:
+        """Detect faces in every image.
+
+        Args:
+            images: B RGB images uint8[H_i, W_i, 3] (numpy or torch); ignored when batch is given.
+            batch: optional already padded uint8/float[B, 3, H_max, W_max] on the detector's device.
+            sizes: int64[B, 2] (H, W) per image, with batch.
+
+        Returns:
+            :class:`Detections` padded over the batch.
+        """
+        if batch is None:
+            batch, sizes = pad_images(images, self.device)
+        batch = batch.float()
+        n_img = batch.shape[0]
+        cand = self._stage1(batch, sizes)
+        cand = self._stage2(batch, sizes, *cand)
+        img, boxes, scores, marks = self._stage3(batch, sizes, *cand)
+        return self._select(img, boxes, scores, marks, sizes, n_img)
+
+    def _stage1(self, batch, sizes):
+        cfg = self.config
+        min_side = sizes.min(1).values
+        all_img, all_boxes, all_scores, all_reg = [], [], [], []
+        for scale in pyramid_scales(min_side, cfg):  # one pass per level, all images at once
+            members = torch.nonzero(min_side.double() * scale >= 12).squeeze(1)
+            sub_sizes = sizes[members]
+            out_sizes = torch.ceil(sub_sizes.double() * scale).long().clamp_min(1)
+            h_max, w_max = int(sub_sizes[:, 0].max()), int(sub_sizes[:, 1].max())
+            level = resize_area(batch[members, :, :h_max, :w_max], sub_sizes, out_sizes)
+            prob, reg = self.pnet(_normalise(level))
+            # A cell is a 12x12 window at stride 2; keep cells whose window lies inside the image.
+            gy = torch.arange(prob.shape[1], device=prob.device)[None, :, None]
+            gx = torch.arange(prob.shape[2], device=prob.device)[None, None, :]
+            inside = (2 * gy + 12 <= out_sizes[:, 0, None, None]) & (2 * gx + 12 <= out_sizes[:, 1, None, None])
+            b, y, x = torch.nonzero((prob >= cfg.thresholds[0]) & inside, as_tuple=True)
+            if b.numel() == 0:
+                continue
+            # Back to original pixels with each image's own effective scale per axis.
+            f = sub_sizes[b].double() / out_sizes[b].double()                       # [n, 2] (fy, fx)
+            boxes = torch.stack([2 * x, 2 * y, 2 * x + 12, 2 * y + 12], 1).double()
+            boxes = (boxes * f[:, [1, 0, 1, 0]]).float()
+            scores = prob[b, y, x]
+            img = members[b]
+            keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[0],
+                               max_per_group=cfg.max_candidates_per_level)
+            all_img.append(img[keep]), all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep]), all_reg.append(reg[b[keep], :, y[keep], x[keep]])
+        if not all_img:
+            empty = batch.new_zeros((0, 4))
+            return torch.zeros(0, dtype=torch.int64, device=batch.device), empty
+        img, boxes = torch.cat(all_img), torch.cat(all_boxes)
+        scores, reg = torch.cat(all_scores), torch.cat(all_reg)
+        keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[1])
+        return img[keep], _square(_regress(boxes[keep], reg[keep]))
+
+    def _crops(self, batch, sizes, img, boxes, side):
+        affine = box_to_affine(boxes, (side, side))
+        patches = sample_patches(batch, sizes, img, affine, (side, side), self.config.crop_supersample)
+        return _normalise(patches)
+
+    def _stage2(self, batch, sizes, img, boxes):
+        cfg = self.config
+        if img.numel() == 0:
+            return img, boxes
+        prob, reg = self.rnet(self._crops(batch, sizes, img, boxes, 24))
+        ok = prob >= cfg.thresholds[1]
+        img, boxes, prob, reg = img[ok], boxes[ok], prob[ok], reg[ok]
+        keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
+        return img[keep], _square(_regress(boxes[keep], reg[keep]))
+
+    def _stage3(self, batch, sizes, img, boxes):
+        cfg = self.config
+        if img.numel() == 0:
+            z = batch.new_zeros
+            return img, z((0, 4)), z((0,)), z((0, 5, 2))
+        prob, reg, lm = self.onet(self._crops(batch, sizes, img, boxes, 48))
+        ok = prob >= cfg.thresholds[2]
+        img, boxes, prob, reg, lm = img[ok], boxes[ok], prob[ok], reg[ok], lm[ok]
+        wh = boxes[:, 2:] - boxes[:, :2]
+        # Landmarks relative to the O-Net input box; to pixel centres (edge coordinate - 0.5).
+        marks = torch.stack([boxes[:, None, 0] + lm[:, :5] * wh[:, None, 0],
+                             boxes[:, None, 1] + lm[:, 5:] * wh[:, None, 1]], -1) - 0.5
+        boxes = _regress(boxes, reg)
+        keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[3], mode="min")
+        return img[keep], boxes[keep], prob[keep], marks[keep]
+
+    def _select(self, img, boxes, scores, marks, sizes, n_img) -> Detections:
+        cfg = self.config
+        dev = sizes.device
+        if cfg.select == "largest":
+            rank_key = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+        elif cfg.select == "center":
+            centre = sizes[img].flip(1).to(boxes.dtype) / 2
+            rank_key = -((boxes[:, :2] + boxes[:, 2:]) / 2 - centre).square().sum(1)
+        else:
+            rank_key = scores
+        order = torch.argsort(rank_key, descending=True, stable=True)
+        order = order[torch.argsort(img[order], stable=True)]
+        img, boxes, scores, marks = img[order], boxes[order], scores[order], marks[order]
+        counts = torch.bincount(img, minlength=n_img)
+        rank = torch.arange(img.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[img]
+        limit = 1 if cfg.select != "all" else (cfg.max_faces or None)
+        if limit is not None:
+            sel = rank < limit
+            img, boxes, scores, marks, rank = img[sel], boxes[sel], scores[sel], marks[sel], rank[sel]
+            counts = counts.clamp_max(limit)
+        k = int(counts.max()) if n_img and img.numel() else 0
+        out_boxes = boxes.new_zeros((n_img, k, 4))
+        out_scores = boxes.new_zeros((n_img, k))
+        out_marks = boxes.new_zeros((n_img, k, 5, 2))
+        out_boxes[img, rank], out_scores[img, rank], out_marks[img, rank] = boxes, scores, marks
+        return Detections(out_boxes, out_scores, out_marks, counts)

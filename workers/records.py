@@ -1,0 +1,126 @@
+"""Arrow tables of the ``images`` and ``faces`` schemas from whole arrays (no per-row Python objects)."""
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+import schemas as S
+
+
+def image_ids(uris: list[str]) -> list[str]:
+    """Stable image ids: 16 hex digits of sha1(uri)."""
+    return [hashlib.sha1(u.encode()).hexdigest()[:16] for u in uris]
+
+
+def _fixed_list(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
+
+
+def _binary_rows(data: np.ndarray) -> pa.BinaryArray:
+    """One binary value per leading index of a uint8[N, ...] array, without copying rows one by one."""
+    n = data.shape[0]
+    item = int(np.prod(data.shape[1:])) if n else 0
+    offsets = np.arange(n + 1, dtype=np.int32) * item
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
+                                                         pa.py_buffer(np.ascontiguousarray(data))])
+
+
+def images_table(*, shard: str, uris: list[str], identities: list, fingerprints: list, widths: np.ndarray,
+                 heights: np.ndarray, errors: list, details: list, num_faces: np.ndarray, run_id: str) -> pa.Table:
+    """The ``images`` rows of one shard.
+
+    Args:
+        shard: shard key.
+        uris, identities, fingerprints, errors, details: per image (errors: None or a schemas.ERR_* reason).
+        widths, heights: int[N] (0 where the image failed to decode).
+        num_faces: int[N].
+        run_id: the run writing these rows.
+
+    Returns:
+        Table with schema ``schemas.IMAGES_SCHEMA``.
+    """
+    n = len(uris)
+    err = np.array([e is not None for e in errors], dtype=bool)
+    nf = np.asarray(num_faces, dtype=np.int32)
+    status = np.where(err, S.STATUS_ERROR, np.where(nf > 0, S.STATUS_OK, S.STATUS_NO_FACE))
+    dims_mask = err
+    return pa.table({
+        S.IMAGE_ID: pa.array(image_ids(uris), pa.string()),
+        S.URI: pa.array(uris, pa.string()),
+        S.IDENTITY: pa.array(identities, pa.string()),
+        S.SHARD: pa.array([shard] * n, pa.string()),
+        S.WIDTH: pa.array(np.asarray(widths, np.int32), pa.int32(), mask=dims_mask),
+        S.HEIGHT: pa.array(np.asarray(heights, np.int32), pa.int32(), mask=dims_mask),
+        S.STATUS: pa.array(status.tolist(), pa.string()),
+        S.ERROR: pa.array(errors, pa.string()),
+        S.ERROR_DETAIL: pa.array(details, pa.string()),
+        S.NUM_FACES: pa.array(nf, pa.int32()),
+        S.FINGERPRINT: pa.array(fingerprints, pa.string()),
+        S.RUN_ID: pa.array([run_id] * n, pa.string()),
+    }, schema=S.IMAGES_SCHEMA)
+
+
+def faces_table(*, shard: str, uris: list[str], identities: list, image_index: np.ndarray, boxes: np.ndarray,
+                scores: np.ndarray, landmarks: np.ndarray, crops, embeddings: np.ndarray, embedder: str,
+                embedder_version: str, run_id: str) -> pa.Table:
+    """The ``faces`` rows of one shard.
+
+    Args:
+        shard: shard key.
+        uris, identities: per image of the shard.
+        image_index: int[F] image (into uris) of each face, non-decreasing.
+        boxes: float[F, 4]; scores: float[F]; landmarks: float[F, 5, 2]; embeddings: float[F, D].
+        crops: uint8[F, S, S, 3] raw crops (stored raw; see :func:`encode_crops`) or a list of F encoded
+            byte strings.
+        embedder, embedder_version: the model that made the embeddings.
+        run_id: the run writing these rows.
+
+    Returns:
+        Table with schema ``schemas.faces_schema(D)``.
+    """
+    idx = np.asarray(image_index, dtype=np.int64)
+    f = idx.shape[0]
+    dim = embeddings.shape[1] if embeddings.ndim == 2 else S.EMBEDDING_DIM
+    counts = np.bincount(idx, minlength=len(uris))
+    face_index = np.arange(f) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids = np.array(image_ids(uris), dtype=object)
+    uri_arr = np.array(uris, dtype=object)
+    ident_arr = np.array(identities, dtype=object)
+    crop_col = _binary_rows(crops) if isinstance(crops, np.ndarray) else pa.array(crops, pa.binary())
+    return pa.table({
+        S.IMAGE_ID: pa.array(ids[idx].tolist(), pa.string()),
+        S.URI: pa.array(uri_arr[idx].tolist(), pa.string()),
+        S.IDENTITY: pa.array(ident_arr[idx].tolist(), pa.string()),
+        S.SHARD: pa.array([shard] * f, pa.string()),
+        S.FACE_INDEX: pa.array(face_index.astype(np.int32), pa.int32()),
+        S.BOX: _fixed_list(boxes, 4),
+        S.SCORE: pa.array(np.asarray(scores, np.float32), pa.float32()),
+        S.LANDMARKS: _fixed_list(landmarks, 10),
+        S.CROP: crop_col,
+        S.EMBEDDING: _fixed_list(embeddings, dim),
+        S.EMBEDDER: pa.array([embedder] * f, pa.string()),
+        S.EMBEDDER_VERSION: pa.array([embedder_version] * f, pa.string()),
+        S.RUN_ID: pa.array([run_id] * f, pa.string()),
+    }, schema=S.faces_schema(dim))
+
+
+def encode_crops(raw: pa.Array, size: int, quality: int = 95) -> pa.BinaryArray:
+    """JPEG-encode raw RGB crops (binary values of size*size*3 bytes) for storage."""
+    data = np.frombuffer(raw.buffers()[2], np.uint8) if len(raw) else np.zeros(0, np.uint8)
+    start = raw.offset * size * size * 3
+    crops = data[start:start + len(raw) * size * size * 3].reshape(-1, size, size, 3)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    # cv2 encodes one image per call; BGR order on disk is what every decoder expects.
+    encoded = [cv2.imencode(".jpg", c[:, :, ::-1], params)[1].tobytes() for c in crops]
+    return pa.array(encoded, pa.binary())
+
+
+def decode_crops(encoded) -> np.ndarray:
+    """Stored crops (a pyarrow binary array or list of JPEG/PNG bytes) -> uint8[N, S, S, 3] RGB."""
+    values = encoded.to_pylist() if hasattr(encoded, "to_pylist") else list(encoded)
+    imgs = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1] for b in values]
+    return np.stack(imgs) if imgs else np.zeros((0, 112, 112, 3), np.uint8)
