@@ -19,7 +19,9 @@ def connect_ray(local_cpus: int | None = None) -> None:
     try:
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.print_on_execution_start = False
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
 

@@ -48,6 +48,7 @@ def ray_session():
 
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     except Exception:  # noqa: BLE001
         pass
     yield ray

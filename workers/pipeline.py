@@ -168,8 +168,7 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
     ds = ds.map(decode_shard, fn_kwargs={"storage_options": opts, "decode": cfg.decode}, num_cpus=1)
     ds = ds.map_batches(FaceActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor, max_restarts=-1,
-                        max_task_retries=-1)
+                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
     ds = ds.map(write_shard, fn_kwargs={"output": cfg.output, "storage_options": opts,
                                         "crop_size": cfg.engine.align.size, "crop_quality": cfg.crop_quality},
                 num_cpus=0.5)

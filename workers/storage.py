@@ -312,3 +312,123 @@ def remove_uncommitted(root: str, tables: list[str], markers: dict[str, dict],
                 fs.rm_file(p)
                 removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------------------------------------
+# Embeddings tables written by reprocess, beside the faces of a dataset root:
+#
+#     <root>/embeddings/<name>/<shard>.parquet           one row per face of faces shard <shard>
+#     <root>/embeddings/<name>/_committed/<shard>.json   written last; names the embedder (name, version)
+#                                                        and the faces marker's committed_at it was made from
+#
+# An embeddings shard is current while its faces shard is committed with that same committed_at; its rows
+# count only for uris whose newest shard (images table, latest wins) is that shard.
+
+
+def embeddings_root(root: str, name: str) -> str:
+    """Folder of the embeddings table ``name`` of a dataset root.
+
+    Raises:
+        ValueError: ``name`` is not one plain path component.
+    """
+    if not name or name != name.strip() or any(c in name for c in "/\\:") or name.startswith((".", "_")):
+        raise ValueError(f"embeddings table name must be one plain path component, got {name!r}")
+    return join(root, S.EMBEDDINGS, name)
+
+
+def list_embeddings(root: str, storage_options: dict | None = None) -> list[str]:
+    """Names of the embeddings tables of a dataset root (those with at least one commit marker)."""
+    fs, path = url_to_fs(join(root, S.EMBEDDINGS), storage_options)
+    try:
+        entries = fs.ls(path, detail=False) if fs.exists(path) else []
+    except FileNotFoundError:
+        entries = []
+    names = [posixpath.basename(p.rstrip("/")) for p in entries]
+    return sorted(n for n in names if not n.startswith((".", "_"))
+                  and committed(embeddings_root(root, n), storage_options))
+
+
+def commit_embeddings(root: str, name: str, shard: str, table: pa.Table, marker: dict,
+                      storage_options: dict | None = None) -> None:
+    """Write one shard of embeddings table ``name``, then its commit marker.
+
+    Args:
+        root: dataset root.
+        name: embeddings table name.
+        shard: the faces shard the rows were computed from.
+        table: rows of ``schemas.embeddings_schema``.
+        marker: must hold ``embedder``, ``embedder_version`` and ``faces_committed_at``.
+    """
+    missing = [k for k in ("embedder", "embedder_version", "faces_committed_at") if k not in marker]
+    if missing:
+        raise ValueError(f"embeddings marker of shard {shard!r} lacks {missing}")
+    eroot = embeddings_root(root, name)
+    put_atomic(join(eroot, f"{shard}.parquet"), table_bytes(table), storage_options)
+    marker = {**marker, "shard": shard, "committed_at": time.time(), "rows": table.num_rows,
+              "tables": [f"{S.EMBEDDINGS}/{name}"]}
+    put_atomic(join(eroot, COMMITTED, f"{shard}.json"), json.dumps(marker).encode(), storage_options)
+
+
+def current_embeddings(root: str, name: str, storage_options: dict | None = None,
+                       markers: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Commit markers of the embeddings shards of ``name`` whose faces shard is committed and unchanged."""
+    markers = committed(root, storage_options) if markers is None else markers
+    own = committed(embeddings_root(root, name), storage_options)
+    return {s: m for s, m in own.items()
+            if s in markers and m.get("faces_committed_at") == markers[s]["committed_at"]}
+
+
+def read_embeddings(root: str, name: str, storage_options: dict | None = None, columns: list[str] | None = None,
+                    markers: dict[str, dict] | None = None) -> pa.Table:
+    """Read embeddings table ``name`` of a dataset: its rows for the current faces (latest wins).
+
+    Rows of shards without a marker, of shards whose faces were re-committed since, and of uris that a
+    newer shard of the dataset holds are left out, so the result lines up with
+    ``read_table(root, schemas.FACES)`` row for row once every faces shard has been re-embedded.
+
+    Args:
+        root: dataset root.
+        name: embeddings table name.
+        storage_options: fsspec options.
+        columns: subset of columns (None: all).
+        markers: the dataset's commit markers, if already read.
+
+    Returns:
+        The table with the schema of its files (``schemas.EMBEDDINGS_SCHEMA`` and no rows if none).
+    """
+    markers = committed(root, storage_options) if markers is None else markers
+    own = current_embeddings(root, name, storage_options, markers)
+    if not own:
+        empty = S.EMBEDDINGS_SCHEMA.empty_table()
+        return empty if columns is None else empty.select(columns)
+    shards = sorted(own, key=lambda s: markers[s]["committed_at"])
+    eroot = embeddings_root(root, name)
+    fs, _ = url_to_fs(eroot, storage_options)
+    want = None if columns is None else sorted(set(columns) | {S.URI, S.SHARD})
+    tables = [pq.read_table(url_to_fs(join(eroot, f"{s}.parquet"), storage_options)[1], filesystem=fs,
+                            columns=want) for s in shards]
+    out = pa.concat_tables(tables, promote_options="default")
+    newest = read_table(root, S.IMAGES, storage_options, columns=[S.URI, S.SHARD], markers=markers)
+    current = pd.MultiIndex.from_arrays([newest.column(S.URI).to_pandas(), newest.column(S.SHARD).to_pandas()])
+    rows = pd.MultiIndex.from_arrays([out.column(S.URI).to_pandas(), out.column(S.SHARD).to_pandas()])
+    keep = rows.isin(current)
+    out = out if keep.all() else out.filter(pa.array(keep))
+    return out if columns is None else out.select(columns)
+
+
+def remove_uncommitted_embeddings(root: str, name: str, storage_options: dict | None = None) -> int:
+    """Delete data files of embeddings table ``name`` without a commit marker (left by a killed run)."""
+    eroot = embeddings_root(root, name)
+    fs, path = url_to_fs(eroot, storage_options)
+    if not fs.exists(path):
+        return 0
+    own = committed(eroot, storage_options)
+    removed = 0
+    for info in fs.ls(path, detail=True):
+        base = posixpath.basename(info["name"].rstrip("/"))
+        if info.get("type") != "file" or not (base.endswith(".parquet") or ".tmp-" in base):
+            continue
+        if ".tmp-" in base or base.split(".parquet")[0] not in own:
+            fs.rm_file(info["name"])
+            removed += 1
+    return removed

@@ -1,0 +1,124 @@
+"""reprocess: re-embed a prepared dataset from its stored crops, or process only new/changed input files.
+
+    # re-embed with another embedder (registry name or exported directory): <root>/embeddings/<name>/
+    python -m jobs.reprocess --output out/lfw --embedder runs/ft/embedder
+    # incremental: only files new or changed since the last run (any jobs.prepare option may follow)
+    ray job submit --submission-id facemill-reprocess-$(date +%Y%m%dT%H%M) --working-dir . -- \\
+        python -m jobs.reprocess --incremental --input s3://bucket/faces --output s3://bucket/facemill
+
+Both take the dataset's run lock; a run that finds the lock held by a live run exits with status 2.
+The run id recorded in every row is --run-id / --submission-id, else the Ray job's submission id.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from jobs._common import connect_ray, fail, storage_options
+
+
+def submission_id() -> str:
+    """The submission id of the Ray job running this driver ("" outside ``ray job submit``)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return str(config.get("metadata", {}).get("job_submission_id") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def parse_args(argv=None):
+    from workers.reprocess import ReembedConfig
+
+    d = ReembedConfig(root="")
+    p = argparse.ArgumentParser(prog="python -m jobs.reprocess", description=__doc__.splitlines()[0],
+                                epilog="With --incremental, options of `python -m jobs.prepare` (detection, "
+                                       "sharding, actors) may follow and are passed on.")
+    p.add_argument("--incremental", action="store_true", help="process only new or changed files of --input")
+    p.add_argument("--input", help="with --incremental: the images (as for jobs.prepare)")
+    p.add_argument("--output", "--root", dest="output", required=True, help="dataset root, local or s3://")
+    p.add_argument("--embedder", default=None, help="registry name or exported embedder directory "
+                                                    "(re-embed: required; incremental: as prepare, default sface)")
+    p.add_argument("--name", default="", help="re-embed: table name under embeddings/ (default: the embedder's name)")
+    p.add_argument("--run-id", "--submission-id", dest="run_id", default="",
+                   help="run id recorded in every row (default: the Ray job submission id, else generated)")
+    p.add_argument("--force-unlock", action="store_true")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    reembed = p.add_argument_group("actors (both modes)")
+    reembed.add_argument("--shards-per-call", type=int, default=d.shards_per_call)
+    reembed.add_argument("--actors", type=int, default=d.actors, help="embed actors (0: one per GPU, or 1 on CPU)")
+    reembed.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
+    reembed.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
+    reembed.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device)
+    reembed.add_argument("--batch-size", type=int, default=d.batch_size, help="re-embed: crops per forward pass")
+    args, rest = p.parse_known_args(argv)
+    args.run_id = args.run_id or submission_id()
+    if args.incremental:
+        return _incremental_config(p, args, rest), args
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.input:
+        p.error("--input is for --incremental; re-embedding reads the crops already stored under --output")
+    if not args.embedder:
+        p.error("re-embedding needs --embedder (a registry name or an exported embedder directory)")
+    try:
+        cfg = ReembedConfig(
+            root=args.output, embedder=args.embedder, name=args.name, shards_per_call=args.shards_per_call,
+            actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+            device=args.device, batch_size=args.batch_size, storage_options=storage_options(args.s3_endpoint_url),
+            run_id=args.run_id, force_unlock=args.force_unlock)
+    except ValueError as exc:
+        fail(str(exc))
+    return cfg, args
+
+
+def _incremental_config(p, args, rest):
+    """The PrepareConfig of an incremental run: jobs.prepare's parser over the passed-on options."""
+    from jobs import prepare
+
+    if not args.input:
+        p.error("--incremental needs --input")
+    if args.name:
+        p.error("--name is for re-embedding")
+    passed = ["--input", args.input, "--output", args.output, "--run-id", args.run_id, "--device", args.device,
+              "--shards-per-call", str(args.shards_per_call), "--actors", str(args.actors),
+              "--gpus-per-actor", str(args.gpus_per_actor), "--cpus-per-actor", str(args.cpus_per_actor), *rest]
+    if args.embedder:
+        passed += ["--embedder", args.embedder]
+    if args.force_unlock:
+        passed.append("--force-unlock")
+    if args.s3_endpoint_url:
+        passed += ["--s3-endpoint-url", args.s3_endpoint_url]
+    cfg, _ = prepare.parse_args(passed)
+    return cfg
+
+
+def main(argv=None) -> dict:
+    from workers.faces.weights import WeightsNotFound
+    from workers.reprocess import run_incremental, run_reembed
+    from workers.storage import StorageError
+
+    cfg, args = parse_args(argv)
+    connect_ray(args.local_cpus)
+    try:
+        summary = run_incremental(cfg) if args.incremental else run_reembed(cfg)
+    except (StorageError, ValueError, WeightsNotFound) as exc:
+        fail(str(exc))
+    if args.incremental and not summary["nothing_to_do"]:
+        from workers.pipeline import print_summary
+
+        print_summary(summary)
+    elif not args.incremental:
+        s = summary
+        print(f"facemill reprocess {s['run_id']}: " + (
+            "nothing to do (every shard already embedded with this embedder version)" if s["nothing_to_do"] else
+            f"{s['faces']} faces of {s['shards_done']} shards embedded with {s['embedder']} {s['embedder_version']}"
+            f" ({s['shards_skipped']} shards already done, {s['bad_crops']} bad crops); {s['wall_time_s']:.1f} s")
+            + f" -> {cfg.root}/{s['table']}")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""prepare end to end on real Ray: schemas, row accounting, bad input, resume after a kill, CLI errors."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pytest
+
+import schemas as S
+from tests.badfiles import make_bad_files
+from tests.conftest import REPO, SAMPLE, copy_people, lfw_people, needs_lfw
+from workers import storage
+from workers.pipeline import PrepareConfig, run_prepare
+from workers.records import decode_crops
+
+pytestmark = needs_lfw
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_prepare_writes_every_image_and_face(prepared_lfw, lfw_subset):
+    out, summary = prepared_lfw
+    images = storage.read_table(str(out), S.IMAGES)
+    faces = storage.read_table(str(out), S.FACES)
+    assert images.schema.equals(S.IMAGES_SCHEMA) and faces.schema.equals(S.FACES_SCHEMA)
+    assert images.schema.metadata[b"facemill.schema_version"] == S.SCHEMA_VERSION.encode()
+    files = _files(lfw_subset)
+    # every input accounted for, once
+    assert images.num_rows == len(files) == summary["images_in"]
+    assert sorted(images.column(S.URI).to_pylist()) == sorted(str(f) for f in files)
+    status = images.column(S.STATUS).to_pylist()
+    assert status.count("ok") + status.count("no_face") + status.count("error") == len(files)
+    assert status.count("ok") == summary["images_with_faces"] >= 0.99 * len(files)
+    assert faces.num_rows == pc.sum(images.column(S.NUM_FACES)).as_py() == summary["faces"]
+    # identity = folder name, on both tables
+    for uri, ident in zip(images.column(S.URI).to_pylist(), images.column(S.IDENTITY).to_pylist()):
+        assert ident == Path(uri).parent.name
+    emb = faces.column(S.EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, S.EMBEDDING_DIM)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    crops = decode_crops(faces.column(S.CROP).combine_chunks()[:8])
+    assert crops.shape == (8, 112, 112, 3)
+    assert set(faces.column(S.EMBEDDER).to_pylist()) == {"sface"}
+    # face_index runs 0..n-1 within each image
+    df = faces.select([S.IMAGE_ID, S.FACE_INDEX]).to_pandas()
+    assert (df.groupby(S.IMAGE_ID)[S.FACE_INDEX].apply(lambda s: sorted(s) == list(range(len(s))))).all()
+    assert (out / "summary.json").is_file()
+
+
+def test_rerun_of_a_finished_run_does_nothing(prepared_lfw, lfw_subset):
+    out, _ = prepared_lfw
+    before = storage.committed(str(out))
+    summary = run_prepare(PrepareConfig(input=str(lfw_subset), output=str(out), shard_size=64),
+                          log=lambda *_: None)
+    assert summary["images_in"] == 0 and summary["images_already_done"] == summary["images_listed"]
+    assert storage.committed(str(out)).keys() == before.keys()
+
+
+def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
+    src = tmp_path / "in"
+    expected = make_bad_files(SAMPLE / "Tony_Blair" / "Tony_Blair_0001.jpg", src / "odd")
+    shutil.copytree(SAMPLE / "Colin_Powell", src / "Colin_Powell")
+    (src / "notes.txt").write_text("not an image, skipped and counted")
+    out = tmp_path / "out"
+    summary = run_prepare(PrepareConfig(input=str(src), output=str(out), shard_size=5), log=lambda *_: None)
+    images = storage.read_table(str(out), S.IMAGES).to_pandas()
+    assert len(images) == len(expected) + 2 == summary["images_in"]
+    assert summary["skipped_non_image_files"] == 1
+    by_name = {Path(u).name: row for u, row in zip(images[S.URI], images.itertuples())}
+    for name, (status, reason) in expected.items():
+        row = by_name[name]
+        if status == "error":
+            assert row.status == "error" and row.error == reason, (name, row.error, row.error_detail)
+        else:
+            assert row.status in ("ok", "no_face") and pd.isna(row.error), (name, row.error_detail)
+            assert row.width > 0 and row.height > 0
+    # the face photos in odd formats are still found as faces
+    for name in ("grayscale.jpg", "rgba.png", "sixteen_bit.png", "cmyk.jpg", "exif_rotated.jpg"):
+        assert by_name[name].status == "ok", name
+    assert by_name["exif_rotated.jpg"].width == 250
+    assert summary["images_error"] == sum(1 for s, _ in expected.values() if s == "error")
+    assert sum(summary["errors_by_reason"].values()) == summary["images_error"]
+
+
+def _table_rows(root: Path):
+    images = storage.read_table(str(root), S.IMAGES).to_pandas().sort_values(S.URI, ignore_index=True)
+    faces = storage.read_table(str(root), S.FACES).to_pandas().sort_values([S.URI, S.FACE_INDEX],
+                                                                           ignore_index=True)
+    return images, faces
+
+
+def test_killed_run_resumes_to_the_same_rows_as_a_clean_run(ray_session, tmp_path):
+    src = tmp_path / "in"
+    copy_people(lfw_people(4, 8, seed=11), src, per_person=4)        # 32 images
+    clean = tmp_path / "clean"
+    run_prepare(PrepareConfig(input=str(src), output=str(clean), shard_size=4), log=lambda *_: None)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--input", str(src), "--output", str(out),
+                             "--shard-size", "4", "--shards-per-call", "1", "--local-cpus", "2"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / storage.COMMITTED).glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = storage.committed(str(out))
+    assert 0 < len(done) < 8, f"kill landed after {len(done)} of 8 shards"
+    # only committed shards are visible, whatever else lies on disk
+    partial = storage.read_table(str(out), S.IMAGES)
+    assert partial.num_rows == sum(m["images"] for m in done.values())
+
+    summary = run_prepare(PrepareConfig(input=str(src), output=str(out), shard_size=4, force_unlock=True),
+                          log=lambda *_: None)
+    assert summary["images_already_done"] == partial.num_rows
+    assert summary["images_in"] == 32 - partial.num_rows
+    (ci, cf), (ki, kf) = _table_rows(clean), _table_rows(out)
+    cols = [S.URI, S.IDENTITY, S.STATUS, S.NUM_FACES, S.WIDTH, S.HEIGHT, S.ERROR]
+    assert ci[cols].equals(ki[cols])
+    assert len(cf) == len(kf) and cf[S.URI].tolist() == kf[S.URI].tolist()
+    assert np.allclose(np.stack(cf[S.BOX]), np.stack(kf[S.BOX]), atol=0.05)
+    assert np.allclose(np.stack(cf[S.EMBEDDING]), np.stack(kf[S.EMBEDDING]), atol=1e-3)
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "jobs.prepare", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_bad_arguments_fail_fast_with_one_line(tmp_path):
+    missing = _cli("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    unwritable = _cli("--input", str(SAMPLE), "--output", str(blocker / "sub"))
+    assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
+    unknown = _cli("--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--embedder", "facenet512")
+    assert unknown.returncode == 2 and "unknown embedder" in unknown.stderr
+    bad_cfg = _cli("--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--min-face-size", "4")
+    assert bad_cfg.returncode == 2 and "min_face_size" in bad_cfg.stderr
