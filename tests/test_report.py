@@ -127,8 +127,11 @@ def test_single_shard_and_no_faces(tmp_path):
 
 def test_throughput_series():
     rows = [{"images": 10, "written_at": 100.0 + 2 * i} for i in range(11)]      # 5 img/s after the first
-    t, rate = report.throughput_series(rows)
-    assert t.size == 5 and np.allclose(rate, 5.0)
+    edges, rate = report.throughput_series(rows)
+    assert edges.size == 11 and edges[-1] == 20.0 and np.allclose(rate, 5.0)
+    many = [{"images": 10, "written_at": 0.5 * i} for i in range(101)]
+    edges, rate = report.throughput_series(many, max_bins=30)
+    assert rate.size == 30 and np.allclose(rate, 20.0)
     assert report.throughput_series(rows[:1])[0].size == 0
     assert report.throughput_series([{"images": 1, "written_at": 5.0}] * 3)[0].size == 0
 
@@ -215,10 +218,18 @@ def test_real_prepare_report(prepared_lfw):
         assert f"<div class=v>{summary[key]:,}</div>" in page, key
     assert summary["images_in"] > 200 and summary["faces"] > 0
     images = _images(page)
-    crops = [png for png in images if png[16:24] == (224).to_bytes(4, "big") * 2]   # IHDR width, height
+    crops = [png for png in images if png[16:24] == (112).to_bytes(4, "big") * 2]   # IHDR width, height
     assert len(crops) == report.NUM_SAMPLES
     assert len(images) == report.NUM_SAMPLES + 3                              # + throughput, 2 histograms
     assert page.count("<figure>") == report.NUM_SAMPLES
+    assert page.count("<circle class=l ") == page.count("<circle class=t ") == 5 * report.NUM_SAMPLES
+    assert len(page) < 1_500_000, len(page)
+    # The dots drawn are the landmarks mapped into the crop (first sample = first face of the first shard).
+    landmarks, crops_stored, _ = _first_faces(out)
+    points = AlignConfig(size=112).points().numpy().astype(np.float64)
+    mapped, _ = report.crop_landmarks(landmarks[:1], points)
+    drawn = re.findall(r"<circle class=l cx='([-\d.]+)' cy='([-\d.]+)'", page)[:5]
+    np.testing.assert_allclose(np.array(drawn, float), mapped[0], atol=0.01)
 
 
 @pytest.mark.slow
@@ -227,12 +238,24 @@ def test_real_landmarks_land_on_the_template(prepared_lfw):
     landmarks, crops, _ = _first_faces(out)
     assert landmarks.shape[0] >= 16
     points = AlignConfig(size=crops.shape[1]).points().numpy().astype(np.float64)
-    mapped, _ = report.crop_landmarks(landmarks, points)
+    mapped, m = report.crop_landmarks(landmarks, points)
+    # Reference: the similarity x -> [[a, -b], [b, a]] x + t is linear in (a, b, tx, ty); float64 lstsq per face.
+    for i in range(len(landmarks)):
+        x, y = landmarks[i].astype(np.float64).T
+        rows = np.concatenate([np.stack([x, -y, np.ones(5), np.zeros(5)], 1),
+                               np.stack([y, x, np.zeros(5), np.ones(5)], 1)])
+        (a, b, tx, ty), *_ = np.linalg.lstsq(rows, np.concatenate([points[:, 0], points[:, 1]]), rcond=None)
+        np.testing.assert_allclose(m[i], [[a, -b, tx], [b, a, ty]], rtol=1e-6, atol=1e-3)
     error = np.linalg.norm(mapped - points[None], axis=2)                      # [F, 5] crop pixels
-    # The residual of a 5-point similarity fit on real faces: a few pixels at 112, larger on turned heads.
+    # The residual of a 5-point similarity fit on real faces (LFW, 112 px crops): eyes land within about
+    # 1.5 px, the whole set within 3 px at the median; the nose tip sits a few px off the template (head
+    # pose, and MTCNN's nose vs ArcFace's), and no point strays far.
     assert np.median(error) < 3.0, np.median(error)
-    assert np.mean(error.mean(1) < 3.0) > 0.8, error.mean(1)
-    assert error.max() < 15.0
+    assert np.median(error[:, :2]) < 2.5, np.median(error[:, :2], 0)
+    assert np.percentile(error[:, :2], 90) < 4.0
+    assert error.max() < 15.0, error.max()
+    # Least squares with a translation: the residuals average out exactly.
+    np.testing.assert_allclose(mapped.mean(1), np.broadcast_to(points.mean(0), (len(mapped), 2)), atol=1e-3)
 
 
 @pytest.mark.slow

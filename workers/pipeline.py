@@ -85,8 +85,8 @@ def plan_shards(todo: pd.DataFrame, shard_size: int) -> list[dict]:
     shards = []
     for start in range(0, len(todo), shard_size):
         part = todo.iloc[start:start + shard_size]
-        fp = part[S.FINGERPRINT].astype(str)
-        key = hashlib.sha1("\n".join(part[S.URI] + "|" + fp).encode()).hexdigest()[:20]
+        members = [f"{u}|{'' if pd.isna(f) else f}" for u, f in zip(part[S.URI], part[S.FINGERPRINT])]
+        key = hashlib.sha1("\n".join(members).encode()).hexdigest()[:20]
         shards.append({
             "shard": f"part-{key}", "uris": part[S.URI].tolist(),
             "identities": [None if pd.isna(v) else str(v) for v in part[S.IDENTITY]],

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
 NUM_SAMPLES = 16
 _MAX_SAMPLE_SHARDS = 4
-_SAMPLE_SCALE = 2          # crops are drawn at 2x so that the landmark marks stay legible
 _SAMPLE_COLUMNS = (S.URI, S.IDENTITY, S.SCORE, S.LANDMARKS, S.CROP, S.RUN_ID)
 
 ERROR_DESCRIPTIONS = {
@@ -60,7 +59,10 @@ table{border-collapse:collapse;margin:6px 0} td,th{border-bottom:1px solid #e6e9
  text-align:left;vertical-align:top} th{font-weight:600} td.n{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:12px} .charts img{border:1px solid #e6e9ef;border-radius:6px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(168px,1fr));gap:10px}
-.grid figure{margin:0;text-align:center;font-size:12px} .grid img{width:100%;border-radius:4px}
+.grid figure{margin:0;text-align:center;font-size:12px}
+.face{position:relative} .face img{display:block;width:100%;border-radius:4px}
+.face svg{position:absolute;left:0;top:0;width:100%;height:100%}
+circle.t{fill:none;stroke:#4cd04c;stroke-width:.7} circle.l{fill:#e8322d}
 .grid figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 code{font-size:12px;background:#f1f3f6;padding:1px 4px;border-radius:3px}
 """
@@ -152,7 +154,8 @@ def build_prepare_report(output: str, summary: dict, rows: Sequence[Mapping],
                                                        "face size: sqrt of box area, original pixels"),
                                              "face size histogram"))
                      + _section(lambda: _img(_hist_png(_concat(rows, "face_scores"), "detection score",
-                                                       "detection score (O-Net probability)", log_y=True),
+                                                       "detection score (O-Net probability)", log_y=True,
+                                                       fmt=".4f"),
                                              "detection score histogram"))
                      + "</div>")
         parts.append("<h2>Sample aligned crops</h2>"
@@ -220,13 +223,13 @@ def throughput_series(rows: Sequence[Mapping], max_bins: int = 30) -> tuple[np.n
 
     The images of a shard are spread evenly over the gap between the previous commit and its own
     (``written_at``), which makes the cumulative count piecewise linear; the span from the first to
-    the last commit is cut into at most ``max_bins`` equal bins (about two shards per bin) and a bin's
+    the last commit is cut into at most ``max_bins`` equal bins (at most one per commit) and a bin's
     rate is that count's increase over its width. The first shard's images are left out: the work
     before the first commit has no start time to divide by.
 
     Returns:
-        (t, rate): float64[K] bin centres in seconds since the first commit and float64[K] images/s;
-        both empty with fewer than two distinct commit times.
+        (edges, rate): float64[K + 1] bin edges in seconds since the first commit and float64[K]
+        images/s; both empty with fewer than two distinct commit times.
     """
     times = np.array([float(r.get("written_at", 0.0)) for r in rows], np.float64)
     images = np.array([float(r.get("images", 0)) for r in rows], np.float64)
@@ -235,18 +238,18 @@ def throughput_series(rows: Sequence[Mapping], max_bins: int = 30) -> tuple[np.n
     order = np.argsort(times, kind="stable")
     t = times[order] - times[order[0]]
     done = np.concatenate([[0.0], np.cumsum(images[order][1:])])        # images finished by t[i]
-    bins = int(np.clip((times.size - 1) // 2, 1, max_bins))
-    edges = np.linspace(0.0, t[-1], bins + 1)
-    return (edges[:-1] + edges[1:]) / 2, np.diff(np.interp(edges, t, done)) / np.diff(edges)
+    edges = np.linspace(0.0, t[-1], min(times.size - 1, max_bins) + 1)
+    return edges, np.diff(np.interp(edges, t, done)) / np.diff(edges)
 
 
 def _throughput_png(rows: list, overall: float | None) -> bytes | str:
-    t, rate = throughput_series(rows)
-    if t.size == 0:
+    edges, rate = throughput_series(rows)
+    if edges.size == 0:
         return "One commit time only: no rate over time to draw."
     fig, ax = _figure()
-    ax.step(t, rate, where="mid", color="#2b6cb0", linewidth=1.6, label="per interval")
-    ax.fill_between(t, rate, step="mid", color="#2b6cb0", alpha=0.15)
+    ax.stairs(rate, edges, color="#2b6cb0", linewidth=1.6, label="between commits")
+    ax.stairs(rate, edges, fill=True, color="#2b6cb0", alpha=0.15)
+    ax.set_xlim(edges[0], edges[-1])
     if overall:
         ax.axhline(float(overall), color="#c05621", linestyle="--", linewidth=1,
                    label=f"whole run {float(overall):.1f}/s")
@@ -259,7 +262,7 @@ def _throughput_png(rows: list, overall: float | None) -> bytes | str:
     return _png(fig)
 
 
-def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False) -> bytes | str:
+def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False, fmt: str = ".1f") -> bytes | str:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return "No faces in this run."
@@ -271,7 +274,7 @@ def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False) 
     if log_y:
         ax.set_yscale("symlog", linthresh=1)
     median = float(np.median(values))
-    ax.axvline(median, color="#1d2330", linestyle="--", linewidth=1, label=f"median {median:.3g}")
+    ax.axvline(median, color="#1d2330", linestyle="--", linewidth=1, label=f"median {median:{fmt}}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("faces")
     ax.set_title(f"{title} (n={values.size:,})", fontsize=10)
@@ -378,10 +381,9 @@ def _samples_html(output: str, rows: list, storage_options: dict | None) -> str:
     uris = table.column(S.URI).to_pylist()
     figures = []
     for i in range(crops.shape[0]):  # a dozen small pictures: one PNG each
-        png = _draw_crop(cv2, crops[i], mapped[i], points, _SAMPLE_SCALE)
         name = identities[i] or uris[i].rsplit("/", 1)[-1]
         figures.append(
-            f"<figure><img alt='face {i}' title='{_e(uris[i])}' src='{_data_uri(png)}'>"
+            f"<figure>{_crop_with_marks(cv2, crops[i], mapped[i], points, f'face {i}', uris[i])}"
             f"<figcaption>{_e(name)}</figcaption><figcaption class=muted>score {scores[i]:.3f} · "
             f"fit {errors[i].mean():.1f} px</figcaption></figure>")
     legend = (f"{len(figures)} faces from the first committed shard(s) of this run, as stored "
@@ -392,23 +394,20 @@ def _samples_html(output: str, rows: list, storage_options: dict | None) -> str:
     return _p(legend, "muted") + "<div class=grid>" + "".join(figures) + "</div>"
 
 
-def _draw_crop(cv2, crop: np.ndarray, mapped: np.ndarray, points: np.ndarray, scale: int) -> bytes:
-    """PNG of one crop upscaled ``scale`` times with template rings and landmark dots."""
-    side = crop.shape[0] * scale
-    img = cv2.resize(np.ascontiguousarray(crop[:, :, ::-1]), (side, side), interpolation=cv2.INTER_CUBIC)
-    shift = 4                                                       # cv2 sub-pixel: coords * 2**shift
+def _crop_with_marks(cv2, crop: np.ndarray, mapped: np.ndarray, points: np.ndarray, alt: str, title: str) -> str:
+    """The stored crop as a PNG with an SVG overlay of template rings and landmark dots.
 
-    def fixed(p):  # crop pixel centre -> upscaled pixel centre, in cv2's fixed point
-        return tuple(int(round(((v + 0.5) * scale - 0.5) * (1 << shift))) for v in p)
-
-    for p in points:
-        cv2.circle(img, fixed(p), 5 << shift, (80, 200, 80), 1, cv2.LINE_AA, shift)
-    for p in mapped:
-        cv2.circle(img, fixed(p), 2 << shift, (40, 40, 230), -1, cv2.LINE_AA, shift)
-    ok, buf = cv2.imencode(".png", img)
+    The overlay's viewBox puts pixel centres at integer coordinates (the image spans -0.5 .. S - 0.5),
+    so marks sit at their exact sub-pixel places at any display size, and the crop stays as stored.
+    """
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(crop[:, :, ::-1]))
     if not ok:
         raise RuntimeError("PNG encoding of a sample crop failed")
-    return buf.tobytes()
+    h, w = crop.shape[:2]
+    rings = "".join(f"<circle class=t cx='{x:.2f}' cy='{y:.2f}' r='2.6'/>" for x, y in points)
+    dots = "".join(f"<circle class=l cx='{x:.2f}' cy='{y:.2f}' r='1.3'/>" for x, y in mapped)
+    return (f"<div class=face><img alt='{_e(alt)}' title='{_e(title)}' src='{_data_uri(buf.tobytes())}'>"
+            f"<svg viewBox='-0.5 -0.5 {w} {h}' aria-hidden=true>{rings}{dots}</svg></div>")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Tests of reprocess: re-embedding from stored crops (same and new embedder), locking, incremental runs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import schemas as S
+from workers import records, storage
+from workers.reprocess import EmbedActor, EmbedActorConfig, ReembedConfig, read_crops, run_reembed
+
+# Stored crops are JPEG (quality 95), the stored embeddings came from the raw crops: re-embedding the
+# decoded crops with the same model gives cosine 0.997-0.999 to the stored vectors on LFW (measured;
+# elementwise differences reach ~0.02, so allclose(atol=1e-4) cannot hold). Different people score < 0.6.
+SAME_MODEL_MIN_COSINE = 0.99
+
+
+def _vectors(table) -> np.ndarray:
+    col = table.column(S.EMBEDDING).combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), -1)
+
+
+def _by_face(table) -> dict[tuple[str, str, int], int]:
+    return {k: i for i, k in enumerate(zip(table.column(S.IMAGE_ID).to_pylist(), table.column(S.SHARD).to_pylist(),
+                                           table.column(S.FACE_INDEX).to_pylist()))}
+
+
+@pytest.fixture()
+def prepared_copy(prepared_lfw, tmp_path):
+    """A private copy of the prepared LFW subset (reprocess writes into it)."""
+    root, _ = prepared_lfw
+    dest = tmp_path / "lfw"
+    shutil.copytree(root, dest)
+    return dest
+
+
+def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
+    """read_crops + EmbedActor on a dict batch == load_embedder().embed(decoded stored crops)."""
+    from workers.faces.embedders import load_embedder
+    from workers.reprocess import _from_ipc
+
+    root, _ = prepared_lfw
+    markers = storage.committed(str(root))
+    shards = sorted(markers)[:2]
+    rows = [read_crops({"shard": s, "faces_committed_at": markers[s]["committed_at"]}, root=str(root),
+                       storage_options=None) for s in shards]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = EmbedActor(EmbedActorConfig(run_id="t"))(batch)
+    embedder = load_embedder("sface")
+    for i, s in enumerate(shards):
+        table = _from_ipc(out["table_ipc"][i])
+        assert table.schema.equals(S.embeddings_schema())
+        faces = storage.read_table(str(root), S.FACES, markers={s: markers[s]})
+        want = embedder.embed(records.decode_crops(faces.column(S.CROP)))
+        np.testing.assert_allclose(_vectors(table), want, atol=1e-5)
+        assert table.column(S.FACE_INDEX).to_pylist() == faces.column(S.FACE_INDEX).to_pylist()
+
+
+def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepared_copy):
+    root = str(prepared_copy)
+    faces = storage.read_table(root, S.FACES)
+    summary = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1, run_id="re-1"), log=print)
+    assert summary["faces"] == faces.num_rows and summary["shards_skipped"] == 0 and not summary["nothing_to_do"]
+    emb = storage.read_embeddings(root, "sface")
+    assert emb.schema.equals(S.embeddings_schema())
+    assert emb.num_rows == faces.num_rows
+    assert set(emb.column(S.RUN_ID).to_pylist()) == {"re-1"}
+    index = _by_face(emb)
+    order = [index[k] for k in _by_face(faces)]
+    cos = np.sum(_vectors(emb)[order] * _vectors(faces), 1)
+    print(f"re-embedded vs stored, same model: cosine min {cos.min():.4f} mean {cos.mean():.4f}")
+    assert cos.min() > SAME_MODEL_MIN_COSINE
+
+    again = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1), log=print)
+    assert again["nothing_to_do"] and again["shards_done"] == 0
+    assert storage.read_embeddings(root, "sface").column(S.RUN_ID).unique().to_pylist() == ["re-1"]
+
+    # The evaluation on the re-embedded table agrees with the one on the faces table's own vectors.
+    from workers.evaluation import evaluate as E
+
+    a = E.image_embeddings(root)
+    b = E.image_embeddings(root, "sface")
+    assert a["path_keys"].tolist() == b["path_keys"].tolist()
+    assert np.sum(a["embeddings"] * b["embeddings"], 1).min() > SAME_MODEL_MIN_COSINE
+
+
+def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path):
+    import torch
+
+    from workers.faces.embedders import load_embedder, save_embedder
+
+    root = str(prepared_copy)
+    base = load_embedder("sface")
+    module = base.module
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "new model": noise on the last linear layer
+        w = module.head.fc.weight
+        w.add_(torch.randn(w.shape, generator=gen) * w.std() * 0.5)
+    spec = dataclasses.replace(base.spec, name="sface-perturbed", version="test-perturbed-1")
+    model_dir = save_embedder(module, spec, tmp_path / "model")
+
+    summary = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
+    assert summary["embedder"] == "sface-perturbed" and summary["table"] == "embeddings/sface-perturbed"
+    emb = storage.read_embeddings(root, "sface-perturbed")
+    faces = storage.read_table(root, S.FACES)
+    assert emb.num_rows == faces.num_rows
+    assert set(emb.column(S.EMBEDDER).to_pylist()) == {"sface-perturbed"}
+    assert set(emb.column(S.EMBEDDER_VERSION).to_pylist()) == {"test-perturbed-1"}
+    vec = _vectors(emb)
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+    order = [_by_face(emb)[k] for k in _by_face(faces)]
+    cos = np.sum(vec[order] * _vectors(faces), 1)
+    print(f"perturbed vs stored: cosine mean {cos.mean():.4f}")
+    assert cos.mean() < 0.95  # clearly another model than the stored one
+    marker = next(iter(storage.committed(storage.embeddings_root(root, "sface-perturbed")).values()))
+    assert marker["embedder_version"] == "test-perturbed-1" and marker["embedder_source"] == str(model_dir)
+    assert "sface-perturbed" in storage.list_embeddings(root)
+
+    # Same name, new version: every shard is redone; same version again: nothing.
+    save_embedder(module, dataclasses.replace(spec, version="test-perturbed-2"), model_dir)
+    again = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
+    assert again["shards_done"] == summary["shards_done"] and again["shards_skipped"] == 0
+    assert set(storage.read_embeddings(root, "sface-perturbed").column(S.EMBEDDER_VERSION).to_pylist()) == {
+        "test-perturbed-2"}
+    assert run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)["nothing_to_do"]
+
+
+def test_reembed_respects_the_run_lock(prepared_copy):
+    root = str(prepared_copy)
+    storage.acquire_lock(root, "someone-else")
+    try:
+        with pytest.raises(storage.StorageError, match="locked by run 'someone-else'"):
+            run_reembed(ReembedConfig(root=root, embedder="sface"), log=print)
+    finally:
+        storage.release_lock(root, "someone-else")
+    assert not storage.committed(storage.embeddings_root(root, "sface"))
+
+
+def test_embeddings_of_a_recommitted_faces_shard_are_stale(prepared_copy):
+    """An embeddings shard counts only while its faces shard keeps the committed_at it was made from."""
+    root = str(prepared_copy)
+    shard = sorted(storage.committed(root))[0]
+    table = S.EMBEDDINGS_SCHEMA.empty_table()
+    storage.commit_embeddings(root, "x", shard, table, {"embedder": "e", "embedder_version": "1",
+                                                        "faces_committed_at": -1.0})
+    assert storage.current_embeddings(root, "x") == {}
+    markers = storage.committed(root)
+    storage.commit_embeddings(root, "x", shard, table, {"embedder": "e", "embedder_version": "1",
+                                                        "faces_committed_at": markers[shard]["committed_at"]})
+    assert list(storage.current_embeddings(root, "x")) == [shard]
+    with pytest.raises(ValueError, match="one plain path component"):
+        storage.embeddings_root(root, "../x")
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental
+# --------------------------------------------------------------------------------------------------
+
+
+def test_incremental_processes_only_new_and_changed_files(ray_session, lfw_dir, tmp_path, capsys):
+    from tests.conftest import LFW_IMAGES, copy_people, lfw_people
+    from jobs import reprocess as job
+
+    people = lfw_people(4, 3, seed=5)
+    src = tmp_path / "input"
+    copy_people(people[:2], src, per_person=3)                       # 6 images
+    out = tmp_path / "out"
+    first = job.main(["--incremental", "--input", str(src), "--output", str(out), "--shard-size", "64",
+                      "--submission-id", "sub-1"])
+    assert first["images_in"] == 6 and first["run_id"] == "sub-1"
+
+    copy_people(people[2:], src, per_person=3)                       # 3 new images
+    changed = next((src / people[0]).glob("*.jpg"))
+    image = cv2.imread(str(changed))
+    cv2.imwrite(str(changed), image, [cv2.IMWRITE_JPEG_QUALITY, 60])  # new bytes, new size
+    later = time.time() + 5
+    os.utime(changed, (later, later))
+    capsys.readouterr()
+    second = job.main(["--incremental", "--input", str(src), "--output", str(out), "--shard-size", "64",
+                       "--submission-id", "sub-2"])
+    assert second["images_in"] == 4 and second["images_already_done"] == 5 and not second["nothing_to_do"]
+
+    images = storage.read_table(str(out), S.IMAGES).to_pandas()
+    assert len(images) == 9 and images[S.URI].is_unique
+    assert set(images.loc[images[S.RUN_ID] == "sub-2", S.URI]) == {
+        str(changed), *(str(p) for p in (src / people[2]).glob("*.jpg"))}
+    faces = storage.read_table(str(out), S.FACES).to_pandas()
+    assert faces.loc[faces[S.URI] == str(changed), S.RUN_ID].eq("sub-2").all()
+    assert LFW_IMAGES.is_dir()
+
+    capsys.readouterr()
+    third = job.main(["--incremental", "--input", str(src), "--output", str(out), "--submission-id", "sub-3"])
+    assert third["nothing_to_do"] and third["images_in"] == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert not (out / storage.LOCK).exists()  # the lock was released each time
