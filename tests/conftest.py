@@ -93,3 +93,22 @@ def prepared_lfw(tmp_path_factory, ray_session, lfw_subset) -> tuple[Path, dict]
     summary = run_prepare(PrepareConfig(input=str(lfw_subset), output=str(out), shard_size=64,
                                         shards_per_call=1), log=lambda *_: None)
     return out, summary
+
+
+FAULT_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def fault_log():
+    """Collects one line per injected fault; printed at the end of the run (and to $FACEMILL_FAULT_LOG)."""
+    return FAULT_LINES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_LINES:
+        terminalreporter.section("fault injection summary")
+        for line in FAULT_LINES:
+            terminalreporter.write_line(line)
+        path = os.environ.get("FACEMILL_FAULT_LOG")
+        if path:
+            Path(path).write_text("\n".join(FAULT_LINES) + "\n")

@@ -140,11 +140,11 @@ def test_10k_rows_is_cheap(tmp_path):
     rows = _fake_rows(10_000)
     summary = _summary(rows)
     report.build_prepare_report(str(tmp_path), summary, rows[:5])           # imports, fonts: once
-    start = time.perf_counter()
+    start = time.process_time()                  # CPU time: other jobs on a shared machine don't count
     page = report.build_prepare_report(str(tmp_path), summary, rows)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(_images(page)) == 3
-    assert elapsed < 2.0, f"report of 10k rows took {elapsed:.2f} s"
+    assert elapsed < 2.0, f"report of 10k rows took {elapsed:.2f} s of CPU"
 
 
 def test_evaluate_page(tmp_path):
@@ -276,3 +276,12 @@ def test_real_transform_is_the_crops(prepared_lfw):
         diff = np.abs(recut.astype(np.float64) - crops[i]).mean()
         shifted = np.abs(np.roll(recut, 3, axis=1).astype(np.float64) - crops[i]).mean()
         assert diff < 6.0 and diff < shifted, (uris[i], diff, shifted)
+
+
+def test_run_record_sets_the_template_framing(tmp_path):
+    record = {"config": {"engine": {"align": {"size": 112, "margin": 0.1,
+                                               "template": [list(p) for p in AlignConfig().template]}}}}
+    storage.put_atomic(str(tmp_path / storage.RUNS / "run-1.json"), json.dumps(record).encode())
+    align = report._run_align(str(tmp_path), "run-1", 112, None)
+    assert align == AlignConfig(size=112, margin=0.1)
+    assert report._run_align(str(tmp_path), "missing", 96, None) == AlignConfig(size=96)

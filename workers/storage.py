@@ -123,10 +123,19 @@ def _read_manifest(input_uri: str, fs, path: str) -> pd.DataFrame:
     return out.drop_duplicates(S.URI).sort_values(S.URI, ignore_index=True)
 
 
-def read_many(uris: list[str], storage_options: dict | None = None, retries: int = 3) -> list[bytes | Exception]:
+def _permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: the object or bucket is missing, or access is denied."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return any(k in text for k in ("NoSuchBucket", "AccessDenied", "Forbidden", "InvalidAccessKeyId"))
+
+
+def read_many(uris: list[str], storage_options: dict | None = None, retries: int = 6) -> list[bytes | Exception]:
     """Read whole files concurrently (s3fs fetches a list in parallel); failures come back as exceptions.
 
-    Transient failures (connection errors) are retried with backoff; a missing file is not.
+    Transient failures (connection refused, timeouts, 5xx) are retried with exponential backoff (about 30 s
+    in all); missing files and denied access are not.
     """
     if not uris:
         return []
@@ -135,10 +144,12 @@ def read_many(uris: list[str], storage_options: dict | None = None, retries: int
     out: dict[str, bytes | Exception] = {}
     todo = paths
     for attempt in range(retries + 1):
-        got = fs.cat(todo, on_error="return") if len(todo) > 1 else {todo[0]: _cat_one(fs, todo[0])}
+        try:
+            got = fs.cat(todo, on_error="return") if len(todo) > 1 else {todo[0]: _cat_one(fs, todo[0])}
+        except Exception as exc:  # noqa: BLE001 - the whole request failed (endpoint down): retry all
+            got = {p: exc for p in todo}
         out.update(got)
-        todo = [p for p in todo if isinstance(out.get(p), Exception)
-                and not isinstance(out[p], (FileNotFoundError, IsADirectoryError, PermissionError))]
+        todo = [p for p in todo if isinstance(out.get(p), Exception) and not _permanent(out[p])]
         if not todo or attempt == retries:
             break
         time.sleep(0.5 * 2 ** attempt)
@@ -152,7 +163,7 @@ def _cat_one(fs, path: str) -> bytes | Exception:
         return exc
 
 
-def put_atomic(uri: str, data: bytes, storage_options: dict | None = None, retries: int = 5) -> None:
+def put_atomic(uri: str, data: bytes, storage_options: dict | None = None, retries: int = 6) -> None:
     """Write a whole file so that it appears complete or not at all; retries transient failures."""
     fs, path = url_to_fs(uri, storage_options)
     for attempt in range(retries + 1):
@@ -168,10 +179,8 @@ def put_atomic(uri: str, data: bytes, storage_options: dict | None = None, retri
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             return
-        except (PermissionError, FileNotFoundError):
-            raise
-        except OSError:
-            if attempt == retries:
+        except Exception as exc:  # noqa: BLE001 - classify, then retry or raise
+            if _permanent(exc) or attempt == retries:
                 raise
             time.sleep(0.5 * 2 ** attempt)
 

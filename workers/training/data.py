@@ -156,8 +156,8 @@ def split_faces(index: pd.DataFrame, cfg: DataConfig, exclude: set[str] | frozen
     trainable = counts[counts >= cfg.min_faces]
     singles = sorted(counts.index[counts < cfg.min_faces])
     if trainable.empty:
-        raise ValueError(f"no identity has >= {cfg.min_faces} faces ({len(counts)} identities after "
-                         f"excluding {len(excluded)} named in {cfg.exclude_pairs!r}); nothing to train on")
+        raise ValueError(f"no identity has >= {cfg.min_faces} faces ({len(counts)} identities left after "
+                         f"excluding {len(excluded)} named by the pairs file); nothing to train on")
     train, heldout = split_identities(trainable.index, cfg.heldout_fraction, cfg.seed)
     heldout_all = (*heldout, *singles)
     return IdentitySplit(train=tuple(train), heldout=heldout_all, excluded=tuple(excluded),

@@ -774,20 +774,26 @@ def plot_curves(history: list[dict]) -> bytes:
     """PNG bytes of the per-epoch curves (matplotlib Agg, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(10, 7), dpi=100)
     FigureCanvasAgg(figure)
     panels = (("training loss (per step, mean)", ("loss", "softmax", "center", "triplet")),
-              ("fixed probe batch", ("probe_loss", "probe_softmax", "probe_triplet")),
+              ("fixed probe batch", ("probe_loss", "probe_softmax", "probe_center", "probe_triplet")),
               ("held-out verification", ("heldout_accuracy", "heldout_val", "fraction_active")),
               ("learning rate / throughput", ("lr",)))
     for i, (title, keys) in enumerate(panels):
         axes = figure.add_subplot(2, 2, i + 1)
+        log_scale = i < 2   # the center loss is ~100x the others
         for key in keys:
-            points = [(row["epoch"], row[key]) for row in history if isinstance(row.get(key), (int, float))]
+            points = [(row["epoch"], row[key]) for row in history
+                      if isinstance(row.get(key), (int, float)) and (row[key] > 0 or not log_scale)]
             if points:
                 x, y = zip(*points)
                 axes.plot(x, y, marker="o", linewidth=1.2, label=key)
+        if log_scale and axes.lines:
+            axes.set_yscale("log")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if i == 3:
             points = [(row["epoch"], row["samples_per_s"]) for row in history if "samples_per_s" in row]
             if points:

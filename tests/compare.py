@@ -1,0 +1,35 @@
+"""Row-for-row comparison of two prepare outputs (test helper)."""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import numpy as np
+
+import schemas as S
+from workers import storage
+
+
+def _rel(uri: str) -> str:
+    return "/".join(PurePosixPath(uri.split("://")[-1]).parts[-2:])
+
+
+def tables(root: str, options: dict | None = None):
+    images = storage.read_table(root, S.IMAGES, options).to_pandas()
+    faces = storage.read_table(root, S.FACES, options).to_pandas()
+    images["key"] = images[S.URI].map(_rel)
+    faces["key"] = faces[S.URI].map(_rel)
+    return (images.sort_values("key", ignore_index=True),
+            faces.sort_values(["key", S.FACE_INDEX], ignore_index=True))
+
+
+def assert_same_rows(a_root: str, b_root: str, a_opts: dict | None = None, b_opts: dict | None = None) -> int:
+    """Both outputs hold the same images (by identity/file name) and the same faces; returns the row count."""
+    (ai, af), (bi, bf) = tables(a_root, a_opts), tables(b_root, b_opts)
+    cols = ["key", S.IDENTITY, S.STATUS, S.NUM_FACES, S.WIDTH, S.HEIGHT, S.ERROR]
+    assert len(ai) == len(bi), (len(ai), len(bi))
+    assert ai[S.URI].is_unique and bi[S.URI].is_unique, "duplicate image rows"
+    assert ai[cols].equals(bi[cols])
+    assert af["key"].tolist() == bf["key"].tolist() and af[S.FACE_INDEX].tolist() == bf[S.FACE_INDEX].tolist()
+    assert np.allclose(np.stack(af[S.BOX]), np.stack(bf[S.BOX]), atol=0.05)
+    assert np.allclose(np.stack(af[S.EMBEDDING]), np.stack(bf[S.EMBEDDING]), atol=1e-3)
+    return len(ai)
