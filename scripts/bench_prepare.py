@@ -265,13 +265,14 @@ class StageClock:
 
     def __init__(self, sync):
         self.sync, self.seconds = sync, dict.fromkeys(STAGES, 0.0)
+        self.cpu_seconds = dict.fromkeys(STAGES, 0.0)
         self.parts: dict[str, float] = {}
         self.stage: str | None = None
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
         self.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.stage = stage
         try:
             yield
@@ -279,6 +280,7 @@ class StageClock:
             self.sync()
             self.stage = None
             self.seconds[stage] += time.perf_counter() - t0
+            self.cpu_seconds[stage] += time.process_time() - c0
 
     @contextlib.contextmanager
     def part(self, name: str):
@@ -643,6 +645,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1, help="timed passes per system (median reported)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed warm-up passes over all batches (0: the first batch only)")
+    p.add_argument("--no-parts", action="store_true",
+                   help="do not time MTCNN's resizes / nets / crops / NMS inside the breakdown (fewer syncs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--ray", action="store_true", help="also run the Ray prepare pipeline (Parquet to a tmp dir)")
@@ -782,6 +786,7 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
     times = {"facemill": [], "breakdown": [], "anchor": []}
     stage_runs: list[dict] = []
     part_runs: list[dict] = []
+    stage_cpu_runs: list[dict] = []
     faces = {}
     nms_before = _NmsTimer.seconds
     for r in range(args.repeat):
@@ -799,7 +804,8 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
         out_dir = tmp_root / f"write_{name}_{r}"
         fm_boxes: list[np.ndarray] = [np.zeros((0, 4), np.float32)] * n
         bd_counts = []
-        with phases.phase(f"{name}/breakdown"), instrument_mtcnn(engine.detector, clock):
+        parts_cm = contextlib.nullcontext() if args.no_parts else instrument_mtcnn(engine.detector, clock)
+        with phases.phase(f"{name}/breakdown"), parts_cm:
             t0 = time.perf_counter()
             for k, idx in enumerate(batches):
                 ims = [images[i] for i in idx]
@@ -811,6 +817,7 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
                     fm_boxes[i] = out.boxes[out.image_index == j]
             times["breakdown"].append(time.perf_counter() - t0)
         stage_runs.append(clock.seconds)
+        stage_cpu_runs.append(clock.cpu_seconds)
         part_runs.append(clock.parts)
         shutil.rmtree(out_dir, ignore_errors=True)
         same = all(np.array_equal(a, b) for a, b in zip(fm_counts, bd_counts))
@@ -827,9 +834,10 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
             f"anchor {times['anchor'][-1]:.2f} s")
 
     stages = {s: round(_median([run[s] for run in stage_runs]), 4) for s in STAGES}
+    stages_cpu = {s: round(_median([run[s] for run in stage_cpu_runs]), 4) for s in STAGES}
     part_keys = sorted({k for run in part_runs for k in run}, key=lambda k: (STAGES.index(k.split(".")[0]), k))
     parts = {k: round(_median([run.get(k, 0.0) for run in part_runs]), 4) for k in part_keys}
-    for stage in ("pnet", "rnet", "onet"):  # what the timed parts leave: indexing, nonzero, box math, syncs
+    for stage in () if args.no_parts else ("pnet", "rnet", "onet"):  # what the timed parts leave: indexing, nonzero, box math, syncs
         inner = sum(v for k, v in parts.items() if k.startswith(f"{stage}."))
         parts[f"{stage}.other"] = round(stages[stage] - inner, 4)
     detect_s = sum(stages[s] for s in ("upload", "pnet", "rnet", "onet"))
@@ -842,7 +850,8 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
                      **phases.report(f"{name}/facemill")},
         "facemill_detect": {"seconds": round(detect_s, 4), "images": n, "faces": faces["facemill"],
                             "note": "upload + P/R/O-Net stages of the breakdown pass",
-                            **phases.report(f"{name}/breakdown"), "cpu_s_per_run": None},
+                            **phases.report(f"{name}/breakdown"),
+                            "cpu_s_per_run": round(sum(stages_cpu[s] for s in ("upload", "pnet", "rnet", "onet")), 4)},
         "anchor": {"seconds": round(an, 4), "images": n, "faces": faces["anchor"],
                    "of_which_standin_nms_s": round(nms_s, 4), **phases.report(f"{name}/anchor")},
     }
@@ -850,8 +859,11 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
         s["img_per_s"] = _rate(n, s["seconds"])
         s["img_per_s_with_decode"] = _rate(n, s["seconds"] + dec) if s is not systems["decode"] else None
         s["faces_per_s"] = _rate(s["faces"], s["seconds"]) if s["faces"] is not None else None
+    an_cpu = systems["anchor"]["cpu_s_per_run"]
     for key in ("facemill", "facemill_detect"):
         systems[key]["ratio_vs_anchor"] = round(an / systems[key]["seconds"], 3) if systems[key]["seconds"] else None
+        cpu = systems[key]["cpu_s_per_run"]
+        systems[key]["ratio_vs_anchor_cpu"] = round(an_cpu / cpu, 3) if cpu else None
         systems[key]["ratio_vs_anchor_with_decode"] = round((an + dec) / (systems[key]["seconds"] + dec), 3)
     return {
         "images": n, "decode_errors": errors, "batch": batch_size, "batches": len(batches),
@@ -861,6 +873,7 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
         "breakdown_s": stages,
         "breakdown_share": {s: round(v / max(sum(stages.values()), 1e-12), 4) for s, v in stages.items()},
         "breakdown_parts_s": parts,
+        "breakdown_cpu_s": stages_cpu,
         "breakdown_matches_process": same,
         "agreement": agreement(an_boxes, fm_boxes),
     }
@@ -872,7 +885,7 @@ def _fmt(v, spec="{:.1f}") -> str:
 
 def print_table(results: dict) -> None:
     """The summary table (Markdown) and the stage breakdown."""
-    head = ("| workload | run | images | faces | s | CPU s | img/s | img/s incl. decode | faces/s | x anchor "
+    head = ("| workload | run | images | faces | s | CPU s | img/s | img/s incl. decode | faces/s | x anchor | x anchor (CPU s) "
             "| peak RSS MiB | peak GPU MiB | GPU util % |")
     print()
     print(head)
@@ -893,6 +906,7 @@ def print_table(results: dict) -> None:
             print(f"| {name} | {label} | {s['images']} | {_fmt(s.get('faces'), '{}')} | {s['seconds']:.2f} "
                   f"| {_fmt(s.get('cpu_s_per_run'), '{:.2f}')} | {_fmt(s['img_per_s'])} | {_fmt(s.get('img_per_s_with_decode'))} "
                   f"| {_fmt(s.get('faces_per_s'))} | {_fmt(ratio, '{:.2f}')} "
+                  f"| {_fmt(s.get('ratio_vs_anchor_cpu'), '{:.2f}')} "
                   f"| {_fmt(s.get('peak_rss_mib'), '{:.0f}')} | {_fmt(s.get('peak_gpu_mib'), '{:.0f}')} "
                   f"| {_fmt(gpu.get('util_mean'))} |")
     print()
@@ -903,6 +917,8 @@ def print_table(results: dict) -> None:
         total = sum(b.values())
         cells = [f"{b[s]:.2f} s ({100 * b[s] / total:.0f}%)" if total else "-" for s in STAGES]
         print(f"| {name} | " + " | ".join(cells) + f" | {total:.2f} s |")
+        c = w["breakdown_cpu_s"]
+        print(f"| {name} (CPU s) | " + " | ".join(f"{c[s]:.2f}" for s in STAGES) + f" | {sum(c.values()):.2f} |")
     print()
     for name, w in results["workloads"].items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in w["breakdown_parts_s"].items())

@@ -107,7 +107,8 @@ def test_evaluate_prepared_lfw(prepared_lfw, tmp_path, capsys):
                        "--output", str(tmp_path / "eval")])
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("facemill evaluate faces: accuracy ")
-    print(out.splitlines()[0])
+    with capsys.disabled():
+        print(out.splitlines()[0])
     assert result["accuracy"] >= 0.95, result
     assert result["num_missing_pairs"] >= 1 and "Nobody/Nobody_0001.jpg" in result["missing_images"]
     assert result["folds"] == 2 and result["num_pairs"] == 181

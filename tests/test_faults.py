@@ -70,6 +70,25 @@ def _face_actor_pids() -> list[int]:
     return mine
 
 
+def _descendants(root: int) -> list[int]:
+    """root and every process below it (from /proc PPid links)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                status = (d / "status").read_text()
+            except OSError:
+                continue
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def _run_in_thread(cfg: PrepareConfig):
     box: dict = {}
 
@@ -204,11 +223,12 @@ def test_poison_data_at_scale(tmp_path, fault_log):
     out = tmp_path / "out"
     peak = {"rss": 0, "proc": 0}
     stop = threading.Event()
+    root_pid = {}
 
     def watch():
         while not stop.is_set():
             total = 0
-            for pid in _pids("ray::") + _pids("jobs.prepare"):
+            for pid in _descendants(root_pid["pid"]):
                 try:
                     rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
                 except (OSError, IndexError, ValueError):
@@ -218,14 +238,16 @@ def test_poison_data_at_scale(tmp_path, fault_log):
             peak["rss"] = max(peak["rss"], total)
             time.sleep(0.2)
 
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--input", str(src), "--output", str(out),
+                             "--shard-size", "32", "--local-cpus", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    root_pid["pid"] = proc.pid
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    r = subprocess.run([sys.executable, "-m", "jobs.prepare", "--input", str(src), "--output", str(out),
-                        "--shard-size", "32", "--local-cpus", "2"], cwd=REPO, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    _, stderr = proc.communicate(timeout=900)
     stop.set()
     watcher.join()
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert proc.returncode == 0, stderr[-3000:]
     images = storage.read_table(str(out), S.IMAGES).to_pandas()
     n_files = n_good + len(expected)
     assert len(images) == n_files and images[S.URI].is_unique

@@ -95,7 +95,7 @@ class ActorConfig:
     embedder: str = "sface"
     device: str = "auto"
     run_id: str = ""
-    max_pixels_per_pass: int = 64 * 1000 * 1000
+    max_pixels_per_pass: int = 16 * 1000 * 1000
     torch_threads: int = 0
     half: bool = False
 

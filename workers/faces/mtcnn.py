@@ -37,6 +37,7 @@ class MTCNNConfig:
         max_faces: keep at most this many faces per image, best first (0: no limit).
         crop_supersample: bilinear samples per axis averaged into each R-Net/O-Net input pixel.
         max_candidates_per_level: P-Net candidates kept per image and level before NMS (by score).
+        crop_chunk: R-Net / O-Net inputs cut and scored per chunk of this many boxes (bounds memory).
     """
 
     min_face_size: int = 20
@@ -47,6 +48,7 @@ class MTCNNConfig:
     max_faces: int = 0
     crop_supersample: int = 2
     max_candidates_per_level: int = 2000
+    crop_chunk: int = 4096
 
     def __post_init__(self):
         if self.min_face_size < 12:
@@ -315,16 +317,22 @@ class MTCNN(nn.Module):
         keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[1])
         return img[keep], _square(_regress(boxes[keep], reg[keep]))
 
-    def _crops(self, batch, sizes, img, boxes, side):
-        affine = box_to_affine(boxes, (side, side))
-        patches = sample_patches(batch, sizes, img, affine, (side, side), self.config.crop_supersample)
-        return _normalise(patches)
+    def _score_crops(self, net, batch, sizes, img, boxes, side):
+        """Cut side x side crops of all boxes and run ``net`` on them, in chunks of ``crop_chunk`` boxes."""
+        outs = []
+        for i in range(0, img.shape[0], self.config.crop_chunk):
+            b = boxes[i:i + self.config.crop_chunk]
+            affine = box_to_affine(b, (side, side))
+            patches = sample_patches(batch, sizes, img[i:i + self.config.crop_chunk], affine, (side, side),
+                                     self.config.crop_supersample)
+            outs.append(net(_normalise(patches)))
+        return [torch.cat(parts) for parts in zip(*outs)]
 
     def _stage2(self, batch, sizes, img, boxes):
         cfg = self.config
         if img.numel() == 0:
             return img, boxes
-        prob, reg = self.rnet(self._crops(batch, sizes, img, boxes, 24))
+        prob, reg = self._score_crops(self.rnet, batch, sizes, img, boxes, 24)
         ok = prob >= cfg.thresholds[1]
         img, boxes, prob, reg = img[ok], boxes[ok], prob[ok], reg[ok]
         keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
@@ -335,7 +343,7 @@ class MTCNN(nn.Module):
         if img.numel() == 0:
             z = batch.new_zeros
             return img, z((0, 4)), z((0,)), z((0, 5, 2))
-        prob, reg, lm = self.onet(self._crops(batch, sizes, img, boxes, 48))
+        prob, reg, lm = self._score_crops(self.onet, batch, sizes, img, boxes, 48)
         ok = prob >= cfg.thresholds[2]
         img, boxes, prob, reg, lm = img[ok], boxes[ok], prob[ok], reg[ok], lm[ok]
         wh = boxes[:, 2:] - boxes[:, :2]
