@@ -14,10 +14,13 @@ import schemas as S
 from workers import records, storage
 from workers.reprocess import EmbedActor, EmbedActorConfig, ReembedConfig, read_crops, run_reembed
 
-# Stored crops are JPEG (quality 95), the stored embeddings came from the raw crops: re-embedding the
-# decoded crops with the same model gives cosine 0.997-0.999 to the stored vectors on LFW (measured;
-# elementwise differences reach ~0.02, so allclose(atol=1e-4) cannot hold). Different people score < 0.6.
-SAME_MODEL_MIN_COSINE = 0.99
+# Stored crops are JPEG (quality 95) while the stored embeddings came from the raw crops, so re-embedding
+# with the same model cannot match to atol 1e-4 (elementwise differences reach ~0.02). Measured on the
+# prepared subset (300 faces): cosine to the stored vector mean 0.9978, min 0.987 (a small face cut by the
+# image border), while two different faces score at most 0.905. So: every face > 0.98, mean > 0.995, and
+# each re-embedded face's nearest stored vector is its own.
+SAME_MODEL_MIN_COSINE = 0.98
+SAME_MODEL_MEAN_COSINE = 0.995
 
 
 def _vectors(table) -> np.ndarray:
@@ -72,9 +75,11 @@ def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepa
     assert set(emb.column(S.RUN_ID).to_pylist()) == {"re-1"}
     index = _by_face(emb)
     order = [index[k] for k in _by_face(faces)]
-    cos = np.sum(_vectors(emb)[order] * _vectors(faces), 1)
+    new, stored = _vectors(emb)[order], _vectors(faces)
+    cos = np.sum(new * stored, 1)
     print(f"re-embedded vs stored, same model: cosine min {cos.min():.4f} mean {cos.mean():.4f}")
-    assert cos.min() > SAME_MODEL_MIN_COSINE
+    assert cos.min() > SAME_MODEL_MIN_COSINE and cos.mean() > SAME_MODEL_MEAN_COSINE
+    assert ((new @ stored.T).argmax(1) == np.arange(len(new))).all()
 
     again = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1), log=print)
     assert again["nothing_to_do"] and again["shards_done"] == 0
@@ -86,7 +91,7 @@ def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepa
     a = E.image_embeddings(root)
     b = E.image_embeddings(root, "sface")
     assert a["path_keys"].tolist() == b["path_keys"].tolist()
-    assert np.sum(a["embeddings"] * b["embeddings"], 1).min() > SAME_MODEL_MIN_COSINE
+    assert np.sum(a["embeddings"] * b["embeddings"], 1).mean() > SAME_MODEL_MEAN_COSINE
 
 
 def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path):

@@ -141,25 +141,37 @@ def test_warmup_cosine_schedule():
 # A real Ray Train run
 
 
-def _config(root: Path, output: Path, **overrides) -> TrainConfig:
-    fields = dict(data=DataConfig(faces=str(root), heldout_fraction=0.2, seed=0), output=str(output),
+def _config(root: Path, output: Path, exclude_pairs: str | None = None, **overrides) -> TrainConfig:
+    data = DataConfig(faces=str(root), exclude_pairs=exclude_pairs, heldout_fraction=0.2, seed=0)
+    fields = dict(data=data, output=str(output),
                   loss=LossConfig(margin=0.2, mining="facenet"), workers=2, epochs=2, people_per_batch=4,
                   images_per_person=3, steps_per_epoch=2, lr=5e-4, head_lr_multiplier=20.0,
-                  warmup_epochs=0.5, use_gpu="false", keep_checkpoints=3, heldout_folds=5,
-                  heldout_pairs_per_fold=40)
+                  warmup_epochs=0.5, use_gpu="false", keep_checkpoints=3, heldout_pairs_per_fold=40)
     return TrainConfig(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, ray_session, prepared_lfw):
-    """2 epochs on 2 workers, then resumed to 3 epochs on 1 worker: (output, first, second, seconds)."""
+    """2 epochs on 2 workers, then resumed to 3 epochs on 1 worker.
+
+    A pairs file naming the single-image people excludes them (exercising --exclude-pairs, and keeping
+    the held-out set at 6 people x 6 faces, cheap to embed every epoch).
+
+    Returns:
+        (output, first summary, second summary, metrics rows after the first run, seconds per run).
+    """
     root, _ = prepared_lfw
-    output = tmp_path_factory.mktemp("runs") / "ft1"
+    runs = tmp_path_factory.mktemp("runs")
+    singles = sorted(name for name, n in _faces_per_identity(root).items() if n < 2)
+    pairs = runs / "exclude_pairs.txt"
+    pairs.write_text("".join(f"{a} 1 {b} 1\n" for a, b in zip(singles, singles[1:] + singles[:1])))
+    output = runs / "ft1"
     t0 = time.perf_counter()
-    first = run_training(_config(root, output), log=lambda *_: None)
+    first = run_training(_config(root, output, exclude_pairs=str(pairs)), log=lambda *_: None)
     t1 = time.perf_counter()
     first_metrics = _metrics(output)
-    second = run_training(_config(root, output, workers=1, epochs=3, resume=True), log=lambda *_: None)
+    second = run_training(_config(root, output, exclude_pairs=str(pairs), workers=1, epochs=3, resume=True),
+                          log=lambda *_: None)
     t2 = time.perf_counter()
     return output, first, second, first_metrics, {"first_s": t1 - t0, "second_s": t2 - t1}
 
@@ -211,8 +223,12 @@ def test_reports_and_heldout_split(trained_run, prepared_lfw):
         assert heldout[when]["accuracy_std"] >= 0.0 and "val" in heldout[when] and "val_std" in heldout[when]
     assert heldout["epochs"] == 3
     assert (output / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert heldout["after"]["num_folds"] == 3 and heldout["after"]["num_pairs"] == 3 * 40
     split = json.loads((output / SPLIT_FILE).read_text())
-    assert split["heldout"] and not set(split["heldout"]) & set(split["train"])
+    counts = _faces_per_identity(prepared_lfw[0])
+    assert set(split["excluded"]) == {name for name, n in counts.items() if n < 2}
+    assert len(split["heldout"]) == 6 and len(split["train"]) == 24
+    assert not set(split["heldout"]) & set(split["train"])
     assert second["heldout_accuracy_before"] == heldout["before"]["accuracy"]
 
 
@@ -237,10 +253,11 @@ def test_exported_embedder_loads_and_embeds(trained_run, prepared_lfw):
 def test_resume_refuses_a_truncated_checkpoint(trained_run, prepared_lfw, tmp_path):
     output, *_ = trained_run
     root, _ = prepared_lfw
+    pairs = str(output.parent / "exclude_pairs.txt")
     # Runs last in this module: corrupt the newest checkpoint, the driver refuses it before starting Ray Train.
     path = output / RAY_DIR / RAY_RUN_NAME / "epoch_0003" / CHECKPOINT_FILE
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated"):
-        run_training(_config(root, output, workers=1, epochs=4), log=lambda *_: None)
+        run_training(_config(root, output, pairs, workers=1, epochs=4), log=lambda *_: None)
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
         run_training(_config(root, tmp_path / "empty", resume=True), log=lambda *_: None)

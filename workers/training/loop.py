@@ -330,8 +330,9 @@ def load_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any]:
 def heldout_protocol(faces: FaceSet, max_folds: int, max_pairs_per_fold: int, seed: int) -> pd.DataFrame | None:
     """An LFW-like pairs table over the held-out faces, as large as they allow.
 
-    Uses ``min(max_folds, identities with >= 2 faces)`` folds and halves the pairs per fold (kept even)
-    until :func:`heldout_pairs` can build them.
+    Uses ``min(max_folds, identities with >= 2 faces, identities // 2)`` folds (every fold needs a same
+    pair and a second identity for different pairs) and halves the pairs per fold (kept even) until
+    :func:`heldout_pairs` can build them.
 
     Returns:
         Pairs table keyed by ``faces.keys``, or None when fewer than 2 folds are possible.
@@ -341,7 +342,7 @@ def heldout_protocol(faces: FaceSet, max_folds: int, max_pairs_per_fold: int, se
     for name, key in zip(names.tolist(), faces.keys.tolist()):
         mapping.setdefault(name, []).append(key)
     multi = sum(len(keys) >= 2 for keys in mapping.values())
-    folds = min(max_folds, multi)
+    folds = min(max_folds, multi, len(mapping) // 2)
     if folds < 2:
         return None
     per_fold = max_pairs_per_fold - max_pairs_per_fold % 2
