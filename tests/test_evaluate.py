@@ -18,6 +18,10 @@ from workers.evaluation import verification as V
 # --------------------------------------------------------------------------------------------------
 
 
+def _pairs(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(V.PAIR_COLUMNS)).astype({V.FOLD: np.int64, V.SAME: bool})
+
+
 def test_image_keys_are_the_last_two_path_components():
     uris = ["/data/lfw/images/Colin_Powell/Colin_Powell_0001.jpg", "s3://bucket/x/Zico/Zico_0002.jpg",
             "Tony_Blair/Tony_Blair_0001.jpg", "flat.jpg"]
@@ -59,7 +63,7 @@ def test_missing_pairs_count_as_wrong():
     rows = [(f, True, "a", "a/a_0001.jpg", "a", "a/a_0002.jpg") for f in (0, 1)]
     rows += [(f, False, "a", "a/a_0001.jpg", "b", "b/b_0001.jpg") for f in (0, 1)]
     rows += [(1, True, "b", "b/b_0001.jpg", "b", "b/b_0009.jpg")]  # image absent
-    pairs = V._pairs_frame(rows)
+    pairs = _pairs(rows)
     scores, valid = E.pair_scores(pairs, keys, emb)
     assert valid.tolist() == [True, True, True, True, False]
     m = E.verification_metrics(scores, pairs[V.SAME].to_numpy(), pairs[V.FOLD].to_numpy(), valid)
@@ -90,7 +94,7 @@ def _subset_pairs(root, seed: int = 0) -> pd.DataFrame:
         for other in rng.choice(mates, 3, replace=False):
             a, b = sorted([person, other])
             rows.append((fold, False, a, rng.choice(by_person[a]), b, rng.choice(by_person[b])))
-    return V._pairs_frame(sorted(rows, key=lambda r: (r[0], not r[1])))
+    return _pairs(sorted(rows, key=lambda r: (r[0], not r[1])))
 
 
 def test_evaluate_prepared_lfw(prepared_lfw, tmp_path, capsys):
@@ -99,7 +103,7 @@ def test_evaluate_prepared_lfw(prepared_lfw, tmp_path, capsys):
     root, _ = prepared_lfw
     pairs = _subset_pairs(root)
     missing = (1, True, "Nobody", "Nobody/Nobody_0001.jpg", "Nobody", "Nobody/Nobody_0002.jpg")
-    pairs = pd.concat([pairs, V._pairs_frame([missing])], ignore_index=True)
+    pairs = pd.concat([pairs, _pairs([missing])], ignore_index=True)
     assert len(pairs) == 181 and pairs[V.SAME].sum() == 91
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
 

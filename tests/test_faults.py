@@ -264,3 +264,65 @@ def test_poison_data_at_scale(tmp_path, fault_log):
         f"poison: {n_good} LFW images + {len(expected)} odd files ({len(expected) / n_files:.0%}; "
         f"{want_errors} unusable): exit 0, {len(images)}/{n_files} files accounted for, errors {reasons}, "
         f"peak RSS one process {peak['proc'] / 2**30:.2f} GiB, all Ray processes {peak['rss'] / 2**30:.2f} GiB")
+
+
+def _train_worker_pids() -> list[int]:
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in _pids("RayTrainWorker") if _ppid(p) == raylet]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return -1
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def test_train_worker_killed_mid_run_resumes_from_checkpoint(ray_session, prepared_lfw, tmp_path, fault_log):
+    from workers.training.data import DataConfig
+    from workers.training.losses import LossConfig
+    from workers.training.loop import METRICS_FILE, TrainConfig, checkpoints_in, run_training
+
+    root, _ = prepared_lfw
+    images = storage.read_table(str(root), S.IMAGES).to_pandas()
+    counts = images[images[S.STATUS] == S.STATUS_OK].groupby(S.IDENTITY).size()
+    singles = sorted(counts[counts < 2].index)
+    pairs = tmp_path / "exclude.txt"
+    pairs.write_text("".join(f"{a} 1 {b} 1\n" for a, b in zip(singles, singles[1:] + singles[:1])))
+    output = tmp_path / "ft"
+    cfg = TrainConfig(data=DataConfig(faces=str(root), exclude_pairs=str(pairs), heldout_fraction=0.2, seed=0),
+                      output=str(output), loss=LossConfig(), workers=2, epochs=3, people_per_batch=4,
+                      images_per_person=3, steps_per_epoch=2, lr=5e-4, warmup_epochs=0.5, use_gpu="false",
+                      heldout_pairs_per_fold=40, max_failures=2)
+    box: dict = {}
+
+    def target():
+        try:
+            box["summary"] = run_training(cfg, log=lambda *_: None)
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    _wait_for(lambda: len(checkpoints_in(str(output))) >= 1 or not t.is_alive(), 600, "the first checkpoint")
+    time.sleep(2.0)  # the checkpoint folder appears before Ray Train registers it as the latest
+    metrics_at_kill = (output / METRICS_FILE).read_text().splitlines() if (output / METRICS_FILE).exists() else []
+    victims = _train_worker_pids()
+    assert victims and t.is_alive(), "no training worker to kill (run already over?)"
+    os.kill(victims[-1], signal.SIGKILL)
+    checkpoints_at_kill = len(checkpoints_in(str(output)))
+    t.join(900)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    rows = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    # the epochs finished before the kill were restored, not retrained: their rows are unchanged
+    before = [json.loads(line) for line in metrics_at_kill]
+    changed = {r["epoch"]: sorted(k for k in r if r[k] != b.get(k)) for r, b in zip(rows, before) if r != b}
+    assert not changed, changed
+    assert checkpoints_at_kill < 3
+    fault_log.append(f"train-worker-kill: SIGKILL 1 of 2 RayTrainWorkers with {checkpoints_at_kill}/3 epoch "
+                     f"checkpoints written; FailureConfig restarted the group from the last checkpoint; "
+                     f"epochs 0-3 each recorded once, {len(metrics_at_kill)} earlier metric rows unchanged")

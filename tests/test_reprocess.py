@@ -105,7 +105,7 @@ def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a "new model": noise on the last linear layer
         w = module.head.fc.weight
-        w.add_(torch.randn(w.shape, generator=gen) * w.std() * 0.5)
+        w.add_(torch.randn(w.shape, generator=gen) * w.std() * 4.0)  # cosine to the original ~0.86
     spec = dataclasses.replace(base.spec, name="sface-perturbed", version="test-perturbed-1")
     model_dir = save_embedder(module, spec, tmp_path / "model")
 
@@ -168,7 +168,7 @@ def test_embeddings_of_a_recommitted_faces_shard_are_stale(prepared_copy):
 
 
 def test_incremental_processes_only_new_and_changed_files(ray_session, lfw_dir, tmp_path, capsys):
-    from tests.conftest import LFW_IMAGES, copy_people, lfw_people
+    from tests.conftest import copy_people, lfw_people
     from jobs import reprocess as job
 
     people = lfw_people(4, 3, seed=5)
@@ -196,7 +196,6 @@ def test_incremental_processes_only_new_and_changed_files(ray_session, lfw_dir, 
         str(changed), *(str(p) for p in (src / people[2]).glob("*.jpg"))}
     faces = storage.read_table(str(out), S.FACES).to_pandas()
     assert faces.loc[faces[S.URI] == str(changed), S.RUN_ID].eq("sub-2").all()
-    assert LFW_IMAGES.is_dir()
 
     capsys.readouterr()
     third = job.main(["--incremental", "--input", str(src), "--output", str(out), "--submission-id", "sub-3"])

@@ -88,7 +88,6 @@ class ActorConfig:
         run_id: recorded in every row.
         max_pixels_per_pass: images of a call are processed in passes of at most this many pixels.
         torch_threads: intra-op threads on CPU (0: leave torch's default).
-        half: run the nets in float16 on CUDA.
     """
 
     engine: object
@@ -97,7 +96,6 @@ class ActorConfig:
     run_id: str = ""
     max_pixels_per_pass: int = 16 * 1000 * 1000
     torch_threads: int = 0
-    half: bool = False
 
 
 class FaceActor:

@@ -234,7 +234,7 @@ def shards_to_embed(markers: dict[str, dict], done: dict[str, dict], embedder: s
     Args:
         markers: the dataset's commit markers (shard -> marker).
         done: the embeddings table's current markers (:func:`storage.current_embeddings`).
-        embedder, embedder_version: the embedder's spec name and version.
+        embedder, version: the embedder's spec name and version.
 
     Returns:
         Rows {shard, faces_committed_at}.
@@ -259,12 +259,6 @@ def _resources(cfg: ReembedConfig) -> tuple[int, float]:
     return cfg.actors or 1, 0.0
 
 
-def new_run_id() -> str:
-    from workers.pipeline import new_run_id as prepare_run_id
-
-    return prepare_run_id()
-
-
 def run_reembed(cfg: ReembedConfig, log=print) -> dict:
     """Re-embed every committed faces shard of ``cfg.root`` not yet embedded by this embedder version.
 
@@ -276,6 +270,7 @@ def run_reembed(cfg: ReembedConfig, log=print) -> dict:
         ValueError: unknown or broken embedder, bad table name, no committed faces at ``cfg.root``.
     """
     from workers.faces.embedders import load_embedder
+    from workers.pipeline import new_run_id
 
     t0 = time.time()
     opts = dict(cfg.storage_options)

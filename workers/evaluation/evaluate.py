@@ -186,7 +186,9 @@ def load_pairs(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     if lower.endswith((".csv", ".parquet")):
         with fs.open(fpath, "rb") as f:
             frame = pd.read_parquet(f) if lower.endswith(".parquet") else pd.read_csv(f)
-        V._require_columns(frame, V.PAIR_COLUMNS)
+        absent = [c for c in V.PAIR_COLUMNS if c not in frame.columns]
+        if absent:
+            raise ValueError(f"pairs table {path!r} lacks columns {absent} (has {list(frame.columns)})")
         frame = frame[list(V.PAIR_COLUMNS)].astype({V.FOLD: np.int64, V.SAME: bool})
         return frame.astype({c: str for c in (V.NAME1, V.IMAGE1, V.NAME2, V.IMAGE2)})
     text = fs.cat_file(fpath).decode()
@@ -322,7 +324,8 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
         "wall_time_s": round(time.time() - t0, 3),
     }
     label = cfg.embeddings or (table["embedder"][0].split("@")[0] if table["embedder"] else "faces")
-    _write_roc(cfg.output, {label: m["roc"]}, f"{Path(cfg.pairs).name}: {result['folds']} folds", opts)
+    title = f"{Path(cfg.pairs).name}: {result['folds']} folds, {len(pairs)} pairs"
+    _write_roc(cfg.output, {label: m["roc"]}, title, opts)
     storage.put_atomic(storage.join(cfg.output, "eval.json"), json.dumps(result, indent=2).encode(), opts)
     result["eval_json"] = storage.join(cfg.output, "eval.json")
     result["roc_png"] = storage.join(cfg.output, "roc.png")
@@ -338,9 +341,10 @@ def format_result(r: dict) -> str:
 
 
 def _write_roc(output: str, curves: dict, title: str, opts: dict) -> None:
+    """roc.png with a log false-accept axis (the region of VAL@FAR=1e-3 that a linear axis hides)."""
     if "://" not in output or output.startswith("file://"):
-        V.plot_roc(curves, os.path.join(output.removeprefix("file://"), "roc.png"), title=title)
+        V.plot_roc(curves, os.path.join(output.removeprefix("file://"), "roc.png"), title=title, log_fpr=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = V.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title)
+        path = V.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title, log_fpr=True)
         storage.put_atomic(storage.join(output, "roc.png"), path.read_bytes(), opts)

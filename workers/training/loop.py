@@ -21,6 +21,13 @@ exports the weights as an embedder. Output layout::
     <output>/embedder.json           the same spec pointing at embedder/weights.pt, so that
                                      ``load_embedder("<output>")`` works too (local outputs)
     <output>/ray/train/epoch_NNNN/   Ray Train checkpoints
+
+A metrics row (epoch N >= 1): ``loss`` ``softmax`` ``accuracy`` ``center`` ``triplet`` (unweighted, mean
+per step over all workers), ``num_triplets`` (mined per worker-step), ``fraction_active``, ``lr`` (backbone
+lr at the epoch's last step), ``samples``, ``train_time_s``, ``samples_per_s`` (all workers, training
+steps only), ``epoch_time_s`` (with evaluation), ``probe_*`` (loss parts on the fixed probe batch, eval
+mode) and ``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``, ``val_std``, ``far`` at
+``far_target``). Row 0 holds the ``probe_*`` / ``heldout_*`` values of the starting weights.
 """
 from __future__ import annotations
 
@@ -719,7 +726,8 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         state = load_checkpoint_state(directory)
     summary = finish_run(cfg, state, init.spec, log)
     summary["wall_time_s"] = round(time.time() - t0, 3)
-    summary["checkpoint"] = result.checkpoint.path
+    summary["checkpoint"] = storage.join(cfg.output, RAY_DIR, RAY_RUN_NAME,
+                                         result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
     _write_json(storage.join(cfg.output, RUN_FILE), {**record, "finished_at": time.time(), "summary": summary},
                 opts)
     return summary
