@@ -325,10 +325,15 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
     }
     label = cfg.embeddings or (table["embedder"][0].split("@")[0] if table["embedder"] else "faces")
     title = f"{Path(cfg.pairs).name}: {result['folds']} folds, {len(pairs)} pairs"
-    _write_roc(cfg.output, {label: m["roc"]}, title, opts)
+    roc_png = _write_roc(cfg.output, {label: m["roc"]}, title, opts)
     storage.put_atomic(storage.join(cfg.output, "eval.json"), json.dumps(result, indent=2).encode(), opts)
+    from workers.report import write_evaluate_report
+
+    report = write_evaluate_report(cfg.output, {**result, "val_at_far": {**val, "far_target": cfg.far_target},
+                                                "num_missing": result["num_missing_pairs"]}, roc_png, opts)
     result["eval_json"] = storage.join(cfg.output, "eval.json")
     result["roc_png"] = storage.join(cfg.output, "roc.png")
+    result["report"] = report
     log(format_result(result))
     return result
 
@@ -340,11 +345,9 @@ def format_result(r: dict) -> str:
             f"VAL@FAR={r['far_target']:g} {r['val']:.4f}, AUC {r['auc']:.4f} -> {r['eval_json']}")
 
 
-def _write_roc(output: str, curves: dict, title: str, opts: dict) -> None:
+def _write_roc(output: str, curves: dict, title: str, opts: dict) -> bytes:
     """roc.png with a log false-accept axis (the region of VAL@FAR=1e-3 that a linear axis hides)."""
-    if "://" not in output or output.startswith("file://"):
-        V.plot_roc(curves, os.path.join(output.removeprefix("file://"), "roc.png"), title=title, log_fpr=True)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        path = V.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title, log_fpr=True)
-        storage.put_atomic(storage.join(output, "roc.png"), path.read_bytes(), opts)
+        png = V.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title, log_fpr=True).read_bytes()
+    storage.put_atomic(storage.join(output, "roc.png"), png, opts)
+    return png
