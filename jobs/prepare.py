@@ -61,23 +61,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from workers.faces.weights import WeightsNotFound
-    from workers.pipeline import print_summary, run_prepare
+    from workers.pipeline import check_prepare, print_summary, run_prepare
     from workers.storage import StorageError
 
     cfg, args = parse_args(argv)
     try:
-        from workers.faces.embedders import load_embedder
-
-        load_embedder(cfg.embedder)
-        from workers.storage import check_writable, list_inputs
-
-        list_inputs(cfg.input, dict(cfg.storage_options))
-        check_writable(cfg.output, dict(cfg.storage_options))
+        checked = check_prepare(cfg)  # fail fast, before Ray starts
     except (StorageError, ValueError, WeightsNotFound) as exc:
         fail(str(exc))
     connect_ray(args.local_cpus)
     try:
-        summary = run_prepare(cfg)
+        summary = run_prepare(cfg, checked=checked)
     except StorageError as exc:
         fail(str(exc))
     print_summary(summary)

@@ -57,6 +57,7 @@ if str(REPO) not in sys.path:  # `python scripts/bench_prepare.py` from anywhere
 DEFAULT_LFW = REPO.parent / "shared" / "data" / "lfw" / "images"
 MOSAIC_GRID = 4
 TILE = 250
+STATS = {"median": statistics.median, "min": min}  # --stat: how repeats are summarised
 STAGES = ("upload", "pnet", "rnet", "onet", "align", "embed", "to_host", "write")
 
 
@@ -223,7 +224,7 @@ class Phases:
         self.windows: dict[str, list[tuple[float, float]]] = {}
         self.rss_mib: dict[str, float] = {}
         self.gpu_mib: dict[str, float] = {}
-        self.cpu_s: dict[str, float] = {}
+        self.cpu_s: dict[str, list[float]] = {}
         self.cuda = device.type == "cuda"
 
     def sync(self) -> None:
@@ -243,7 +244,7 @@ class Phases:
             self.sync()
             t1 = time.perf_counter()
             self.windows.setdefault(name, []).append((t0, t1))
-            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + time.process_time() - c0
+            self.cpu_s.setdefault(name, []).append(time.process_time() - c0)
             hwm = _vm_hwm_kib() if per_phase_rss else None
             rss = hwm / 1024 if hwm is not None else peak_rss_mib()
             self.rss_mib[name] = max(self.rss_mib.get(name, 0.0), rss)
@@ -251,10 +252,9 @@ class Phases:
                 peak = self.torch.cuda.max_memory_allocated(self.device) / 2**20
                 self.gpu_mib[name] = max(self.gpu_mib.get(name, 0.0), peak)
 
-    def report(self, name: str) -> dict:
-        """Peaks, GPU samples and process CPU seconds per occurrence (mean) of a phase."""
-        runs = len(self.windows.get(name, [])) or 1
-        return {"cpu_s_per_run": round(self.cpu_s.get(name, 0.0) / runs, 3),
+    def report(self, name: str, stat=statistics.median) -> dict:
+        """Peaks, GPU samples and process CPU seconds (``stat`` over the occurrences) of a phase."""
+        return {"cpu_s": round(stat(self.cpu_s[name]), 3) if name in self.cpu_s else None,
                 "peak_rss_mib": round(self.rss_mib.get(name, float("nan")), 1),
                 "peak_gpu_mib": round(self.gpu_mib[name], 1) if name in self.gpu_mib else None,
                 "gpu": self.sampler.summary(self.windows.get(name, []))}
@@ -642,7 +642,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="images per batch (both systems)")
     p.add_argument("--mosaic-batch", type=int, default=0, help="images per mosaic batch (0: --batch)")
     p.add_argument("--workloads", default="lfw,mosaic", help="comma-separated: lfw, mosaic")
-    p.add_argument("--repeat", type=int, default=1, help="timed passes per system (median reported)")
+    p.add_argument("--repeat", type=int, default=1, help="timed passes per system")
+    p.add_argument("--stat", choices=tuple(STATS), default="median",
+                   help="statistic over the repeats (min: best of N, for machines shared with other jobs)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed warm-up passes over all batches (0: the first batch only)")
     p.add_argument("--no-parts", action="store_true",
@@ -664,10 +666,6 @@ def parse_args(argv=None):
         if getattr(args, name) < (0 if name in ("images", "mosaics") else 1):
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     return args
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def _rate(count: float, seconds: float) -> float | None:
@@ -737,7 +735,7 @@ def main(argv=None) -> dict:
                 with phases.phase(f"{name}/ray"):
                     res["ray"] = run_ray(work, device.type, args, tmp_root, log)
                 report = phases.report(f"{name}/ray")
-                report["driver_cpu_s"] = report.pop("cpu_s_per_run")  # the Ray workers' CPU is not counted
+                report["driver_cpu_s"] = report.pop("cpu_s")  # the Ray workers' CPU is not counted
                 res["ray"].update(report)
                 res["ray"]["img_per_s"] = _rate(res["ray"]["images"], res["ray"]["wall_s"])
                 res["ray"]["faces_per_s"] = _rate(res["ray"]["faces"], res["ray"]["wall_s"])
@@ -833,36 +831,37 @@ def run_workload(work: Workload, batch_size: int, args, engine, spec, anchor, ph
         log(f"  repeat {r + 1}: facemill {times['facemill'][-1]:.2f} s, breakdown {times['breakdown'][-1]:.2f} s, "
             f"anchor {times['anchor'][-1]:.2f} s")
 
-    stages = {s: round(_median([run[s] for run in stage_runs]), 4) for s in STAGES}
-    stages_cpu = {s: round(_median([run[s] for run in stage_cpu_runs]), 4) for s in STAGES}
+    stat = STATS[args.stat]
+    stages = {s: round(stat([run[s] for run in stage_runs]), 4) for s in STAGES}
+    stages_cpu = {s: round(stat([run[s] for run in stage_cpu_runs]), 4) for s in STAGES}
     part_keys = sorted({k for run in part_runs for k in run}, key=lambda k: (STAGES.index(k.split(".")[0]), k))
-    parts = {k: round(_median([run.get(k, 0.0) for run in part_runs]), 4) for k in part_keys}
+    parts = {k: round(stat([run.get(k, 0.0) for run in part_runs]), 4) for k in part_keys}
     for stage in () if args.no_parts else ("pnet", "rnet", "onet"):  # what the timed parts leave: indexing, nonzero, box math, syncs
         inner = sum(v for k, v in parts.items() if k.startswith(f"{stage}."))
         parts[f"{stage}.other"] = round(stages[stage] - inner, 4)
     detect_s = sum(stages[s] for s in ("upload", "pnet", "rnet", "onet"))
-    dec = _median(decode_s)
-    fm, an = _median(times["facemill"]), _median(times["anchor"])
+    dec = stat(decode_s)
+    fm, an = stat(times["facemill"]), stat(times["anchor"])
     nms_s = (_NmsTimer.seconds - nms_before) / args.repeat
     systems = {
-        "decode": {"seconds": round(dec, 4), "images": n, "faces": None, **phases.report(f"{name}/decode")},
+        "decode": {"seconds": round(dec, 4), "images": n, "faces": None, **phases.report(f"{name}/decode", stat)},
         "facemill": {"seconds": round(fm, 4), "images": n, "faces": faces["facemill"],
-                     **phases.report(f"{name}/facemill")},
+                     **phases.report(f"{name}/facemill", stat)},
         "facemill_detect": {"seconds": round(detect_s, 4), "images": n, "faces": faces["facemill"],
                             "note": "upload + P/R/O-Net stages of the breakdown pass",
-                            **phases.report(f"{name}/breakdown"),
-                            "cpu_s_per_run": round(sum(stages_cpu[s] for s in ("upload", "pnet", "rnet", "onet")), 4)},
+                            **phases.report(f"{name}/breakdown", stat),
+                            "cpu_s": round(sum(stages_cpu[s] for s in ("upload", "pnet", "rnet", "onet")), 4)},
         "anchor": {"seconds": round(an, 4), "images": n, "faces": faces["anchor"],
-                   "of_which_standin_nms_s": round(nms_s, 4), **phases.report(f"{name}/anchor")},
+                   "of_which_standin_nms_s": round(nms_s, 4), **phases.report(f"{name}/anchor", stat)},
     }
     for s in systems.values():
         s["img_per_s"] = _rate(n, s["seconds"])
         s["img_per_s_with_decode"] = _rate(n, s["seconds"] + dec) if s is not systems["decode"] else None
         s["faces_per_s"] = _rate(s["faces"], s["seconds"]) if s["faces"] is not None else None
-    an_cpu = systems["anchor"]["cpu_s_per_run"]
+    an_cpu = systems["anchor"]["cpu_s"]
     for key in ("facemill", "facemill_detect"):
         systems[key]["ratio_vs_anchor"] = round(an / systems[key]["seconds"], 3) if systems[key]["seconds"] else None
-        cpu = systems[key]["cpu_s_per_run"]
+        cpu = systems[key]["cpu_s"]
         systems[key]["ratio_vs_anchor_cpu"] = round(an_cpu / cpu, 3) if cpu else None
         systems[key]["ratio_vs_anchor_with_decode"] = round((an + dec) / (systems[key]["seconds"] + dec), 3)
     return {
@@ -887,7 +886,8 @@ def print_table(results: dict) -> None:
     """The summary table (Markdown) and the stage breakdown."""
     head = ("| workload | run | images | faces | s | CPU s | img/s | img/s incl. decode | faces/s | x anchor | x anchor (CPU s) "
             "| peak RSS MiB | peak GPU MiB | GPU util % |")
-    print()
+    args = results["args"]
+    print(f"\n{args['stat']} of {args['repeat']} repeat(s); 'x anchor' = anchor seconds / facemill seconds")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for name, w in results["workloads"].items():
@@ -904,7 +904,7 @@ def print_table(results: dict) -> None:
                 ratio = s["img_per_s"] / an_rate
             gpu = s.get("gpu") or {}
             print(f"| {name} | {label} | {s['images']} | {_fmt(s.get('faces'), '{}')} | {s['seconds']:.2f} "
-                  f"| {_fmt(s.get('cpu_s_per_run'), '{:.2f}')} | {_fmt(s['img_per_s'])} | {_fmt(s.get('img_per_s_with_decode'))} "
+                  f"| {_fmt(s.get('cpu_s'), '{:.2f}')} | {_fmt(s['img_per_s'])} | {_fmt(s.get('img_per_s_with_decode'))} "
                   f"| {_fmt(s.get('faces_per_s'))} | {_fmt(ratio, '{:.2f}')} "
                   f"| {_fmt(s.get('ratio_vs_anchor_cpu'), '{:.2f}')} "
                   f"| {_fmt(s.get('peak_rss_mib'), '{:.0f}')} | {_fmt(s.get('peak_gpu_mib'), '{:.0f}')} "

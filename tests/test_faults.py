@@ -140,21 +140,21 @@ def s3(tmp_path):
 
 def test_s3_server_down_mid_run_is_retried(ray_session, fault_input, clean_run, s3, fault_log):
     fs = s3.fs()
-    fs.mkdir("raw")
-    fs.mkdir("out")
-    n = s3.upload_tree(fault_input, "s3://raw/in")
-    cfg = PrepareConfig(input="s3://raw/in/", output="s3://out/run", shard_size=4, shards_per_call=1,
+    fs.mkdir("fault-raw")                        # moto's buckets live per process: names of our own
+    fs.mkdir("fault-out")
+    n = s3.upload_tree(fault_input, "s3://fault-raw/in")
+    cfg = PrepareConfig(input="s3://fault-raw/in/", output="s3://fault-out/run", shard_size=4, shards_per_call=1,
                         storage_options=tuple(s3.options.items()))
     t, box = _run_in_thread(cfg)
-    _wait_for(lambda: len(storage.committed("s3://out/run", s3.options)) >= 1, 240, "a first S3 commit")
-    before = len(storage.committed("s3://out/run", s3.options))
+    _wait_for(lambda: len(storage.committed("s3://fault-out/run", s3.options)) >= 1, 240, "a first S3 commit")
+    before = len(storage.committed("s3://fault-out/run", s3.options))
     down = 4.0
     restarter = s3.restart_later(down)
     t.join(600)
     restarter.join()
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert before < 8, "the outage came after the last shard"
-    rows = assert_same_rows(str(clean_run), "s3://out/run", None, s3.options)
+    rows = assert_same_rows(str(clean_run), "s3://fault-out/run", None, s3.options)
     assert rows == n
     fault_log.append(f"s3-outage: moto S3 server stopped {down:.0f} s after {before}/8 shards committed, then "
                      f"restarted; reads/writes retried; rows equal a clean run's: images in {n} / out {rows}")

@@ -57,8 +57,9 @@ def test_prepare_writes_every_image_and_face(prepared_lfw, lfw_subset):
     assert (out / "summary.json").is_file()
 
 
-def test_rerun_of_a_finished_run_does_nothing(prepared_lfw, lfw_subset):
-    out, _ = prepared_lfw
+def test_rerun_of_a_finished_run_does_nothing(prepared_lfw, lfw_subset, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared_lfw[0], out)          # leave the shared fixture's output as it was
     before = storage.committed(str(out))
     summary = run_prepare(PrepareConfig(input=str(lfw_subset), output=str(out), shard_size=64),
                           log=lambda *_: None)

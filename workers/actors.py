@@ -24,17 +24,6 @@ from workers.decode import DecodeConfig, decode_image
 log = logging.getLogger(__name__)
 
 
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
 def decode_shard(row: dict, *, storage_options: dict | None, decode: DecodeConfig) -> dict:
     """Read and decode a shard's files.
 
@@ -200,7 +189,7 @@ class FaceActor:
             image_index=decoded[res.image_index[sel] - lo], boxes=res.boxes[sel], scores=res.scores[sel],
             landmarks=res.landmarks[sel], crops=res.crops[sel], embeddings=res.embeddings[sel],
             embedder=spec.name, embedder_version=spec.version, run_id=self.config.run_id)
-        return _ipc(images), _ipc(faces)
+        return records.table_to_ipc(images), records.table_to_ipc(faces)
 
 
 def _merge_results(parts, n_images, cls, dim, size):
@@ -223,8 +212,8 @@ def _merge_results(parts, n_images, cls, dim, size):
 def write_shard(row: dict, *, output: str, storage_options: dict | None, crop_size: int,
                 crop_quality: int) -> dict:
     """Encode crops and commit one shard; returns the shard's summary row."""
-    images = _from_ipc(row["images_ipc"])
-    faces = _from_ipc(row["faces_ipc"])
+    images = records.table_from_ipc(row["images_ipc"])
+    faces = records.table_from_ipc(row["faces_ipc"])
     crops = records.encode_crops(faces.column(S.CROP).combine_chunks(), crop_size, crop_quality)
     faces = faces.set_column(faces.schema.get_field_index(S.CROP), faces.schema.field(S.CROP), crops)
     status = Counter(images.column(S.STATUS).to_pylist())

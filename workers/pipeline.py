@@ -24,6 +24,7 @@ from workers import storage
 from workers.actors import ActorConfig, FaceActor, decode_shard, write_shard
 from workers.decode import DecodeConfig
 from workers.faces.engine import EngineConfig
+from workers.report import write_prepare_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,23 +118,42 @@ def _face_resources(cfg: PrepareConfig) -> tuple[int, float]:
     return cfg.actors or 1, 0.0
 
 
-def run_prepare(cfg: PrepareConfig, log=print) -> dict:
+def check_prepare(cfg: PrepareConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Everything that can fail before any work: the embedder, the input listing, the output's writability.
+
+    Returns:
+        (inputs, skipped) from :func:`workers.storage.list_inputs`.
+
+    Raises:
+        storage.StorageError: input missing/empty, output not writable.
+        ValueError: unknown embedder.
+        WeightsNotFound: a registry model's package is missing.
+    """
+    from workers.faces.embedders import load_embedder
+
+    opts = dict(cfg.storage_options)
+    load_embedder(cfg.embedder)
+    inputs, skipped = storage.list_inputs(cfg.input, opts)
+    storage.check_writable(cfg.output, opts)
+    return inputs, skipped
+
+
+def run_prepare(cfg: PrepareConfig, log=print, checked: tuple[pd.DataFrame, list[str]] | None = None) -> dict:
     """Run prepare on the connected Ray cluster; returns (and writes) the run summary.
+
+    Args:
+        cfg: the run.
+        log: progress lines go here.
+        checked: the result of :func:`check_prepare`, if the caller already ran it.
 
     Raises:
         storage.StorageError: input missing/empty, output not writable, output locked.
         ValueError: unknown embedder.
     """
-    import ray
-
-    from workers.faces.embedders import load_embedder
-
     t0 = time.time()
     opts = dict(cfg.storage_options)
     run_id = cfg.run_id or new_run_id()
-    load_embedder(cfg.embedder)  # fail fast on an unknown or broken embedder
-    inputs, skipped = storage.list_inputs(cfg.input, opts)
-    storage.check_writable(cfg.output, opts)
+    inputs, skipped = checked if checked is not None else check_prepare(cfg)
     storage.acquire_lock(cfg.output, run_id, opts, force=cfg.force_unlock)
     try:
         markers = storage.committed(cfg.output, opts)
@@ -143,16 +163,14 @@ def run_prepare(cfg: PrepareConfig, log=print) -> dict:
         shards = plan_shards(todo, cfg.shard_size)
         log(f"facemill prepare {run_id}: {len(inputs)} images listed, {len(inputs) - len(todo)} already done, "
             f"{len(todo)} to do in {len(shards)} shards" + (f"; removed {removed} partial files" if removed else ""))
+        if not shards:
+            log(f"facemill prepare {run_id}: nothing to do, all {len(inputs)} images are already in {cfg.output}")
         rows = _run_graph(cfg, shards, run_id, opts, log) if shards else []
         summary = _summarise(cfg, run_id, rows, len(inputs), len(inputs) - len(todo), skipped, t0)
         storage.put_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode(), opts)
         storage.put_atomic(storage.join(cfg.output, storage.RUNS, f"{run_id}.json"),
                            json.dumps({**summary, "config": _config_dict(cfg)}, indent=2).encode(), opts)
-        try:
-            from workers.report import write_prepare_report
-            write_prepare_report(cfg.output, summary, rows, opts)
-        except ImportError:
-            pass
+        write_prepare_report(cfg.output, summary, rows, opts)  # never raises: a report is not worth a run
     finally:
         storage.release_lock(cfg.output, run_id, opts)
     return summary

@@ -10,6 +10,19 @@ import pyarrow as pa
 import schemas as S
 
 
+def table_to_ipc(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream (how shard tables travel between Ray stages)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def table_from_ipc(data: bytes) -> pa.Table:
+    """Inverse of :func:`table_to_ipc`."""
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
 def image_ids(uris: list[str]) -> list[str]:
     """Stable image ids: 16 hex digits of sha1(uri)."""
     return [hashlib.sha1(u.encode()).hexdigest()[:16] for u in uris]

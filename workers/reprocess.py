@@ -93,17 +93,6 @@ class EmbedActorConfig:
 # Ray-side callables (plain functions and a callable class; testable without Ray)
 # --------------------------------------------------------------------------------------------------
 
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
 def _decode_each(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Decode crops one by one: (uint8[K, S, S, 3] of the decodable ones, bool[N] decodable)."""
     ok, crops = np.zeros(len(encoded), bool), []
@@ -140,7 +129,7 @@ def read_crops(row: dict, *, root: str, storage_options: dict | None) -> dict:
     meta = faces.select(_META_COLUMNS)
     if not ok.all():
         meta = meta.filter(pa.array(ok))
-    return {**row, "meta_ipc": _ipc(meta), "crops": np.ascontiguousarray(crops).tobytes(),
+    return {**row, "meta_ipc": records.table_to_ipc(meta), "crops": np.ascontiguousarray(crops).tobytes(),
             "num_crops": int(crops.shape[0]), "crop_size": int(crops.shape[1]) if crops.size else 0,
             "bad_crops": int((~ok).sum())}
 
@@ -203,8 +192,9 @@ class EmbedActor:
         crops = np.concatenate([np.frombuffer(b, np.uint8) for b in batch["crops"]]).reshape(-1, height, width, 3)
         vectors = self.embedder.embed(crops, batch_size=self.config.batch_size)
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        tables = [_ipc(embeddings_table(_from_ipc(batch["meta_ipc"][i]), vectors[bounds[i]:bounds[i + 1]],
-                                        spec.name, spec.version, self.config.run_id))
+        tables = [records.table_to_ipc(embeddings_table(records.table_from_ipc(batch["meta_ipc"][i]),
+                                                        vectors[bounds[i]:bounds[i + 1]], spec.name,
+                                                        spec.version, self.config.run_id))
                   for i in range(len(counts))]  # per shard of the call: slices of one result
         n = len(counts)
         return {"shard": np.asarray(batch["shard"]), "faces_committed_at": np.asarray(batch["faces_committed_at"]),
@@ -215,7 +205,7 @@ class EmbedActor:
 def write_embeddings(row: dict, *, root: str, name: str, embedder_source: str,
                      storage_options: dict | None) -> dict:
     """Commit one shard of embeddings table ``name``; returns its summary row."""
-    table = _from_ipc(row["table_ipc"])
+    table = records.table_from_ipc(row["table_ipc"])
     marker = {"embedder": str(row["embedder"]), "embedder_version": str(row["embedder_version"]),
               "embedder_source": embedder_source, "faces_committed_at": float(row["faces_committed_at"]),
               "bad_crops": int(row["bad_crops"])}
