@@ -5,6 +5,7 @@ Runs last (file name): `ray stop` kills every Ray on the machine, so the session
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def test_ray_start_job_submit_stop(tmp_path):
 
     ray.shutdown()
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on, as Ray >= 2.59 wants for local clusters: one secret for server and client.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     dash = free_port()
     start = subprocess.run(
         [ray_bin, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
