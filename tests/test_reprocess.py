@@ -45,7 +45,6 @@ def prepared_copy(prepared_lfw, tmp_path):
 def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
     """read_crops + EmbedActor on a dict batch == load_embedder().embed(decoded stored crops)."""
     from workers.faces.embedders import load_embedder
-    from workers.reprocess import _from_ipc
 
     root, _ = prepared_lfw
     markers = storage.committed(str(root))
@@ -56,7 +55,7 @@ def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
     out = EmbedActor(EmbedActorConfig(run_id="t"))(batch)
     embedder = load_embedder("sface")
     for i, s in enumerate(shards):
-        table = _from_ipc(out["table_ipc"][i])
+        table = records.table_from_ipc(out["table_ipc"][i])
         assert table.schema.equals(S.embeddings_schema())
         faces = storage.read_table(str(root), S.FACES, markers={s: markers[s]})
         want = embedder.embed(records.decode_crops(faces.column(S.CROP)))
