@@ -308,7 +308,7 @@ def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opt
     ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=0.5)
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor, max_restarts=-1, max_task_retries=-1)
+                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
     ds = ds.map(write_embeddings, fn_kwargs={"root": cfg.root, "name": name, "embedder_source": cfg.embedder,
                                              "storage_options": opts}, num_cpus=0.5)
     return list(ds.iter_rows())
