@@ -4,6 +4,9 @@ Shards are deterministic: the files still to do (not yet committed, or changed s
 cut into groups of ``shard_size``; a shard's key is a digest of its members, so rerunning the same command
 recomputes exactly the shards that did not commit. Nothing but one small summary row per shard ever comes
 back to the driver.
+
+Ray Data fuses decode into the face actor when their resource requests are equal (CPU-only runs, where
+it saves a copy); with GPUs the actor asks for ``num_gpus`` and decode runs in separate CPU tasks.
 """
 from __future__ import annotations
 
