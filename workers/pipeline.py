@@ -234,6 +234,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     s = summary
     print(f"facemill prepare {s['run_id']}: {s['images_in']} images in "
           f"({s['images_already_done']} already done), {s['images_with_faces']} with faces, "
-          f"{s['images_no_face']} no face, {s['images_error']} errors {s['errors_by_reason'] or ''}, "
+          f"{s['images_no_face']} no face, {s['images_error']} errors"
+          f"{' ' + json.dumps(s['errors_by_reason']) if s['errors_by_reason'] else ''}, "
           f"{s['faces']} faces; {s['wall_time_s']:.1f} s, {s['images_per_s'] or 0:.1f} img/s", file=out)
     print(f"output: {s['output']} (summary.json, report.html)", file=out)
