@@ -238,7 +238,7 @@ def read_table(root: str, table: str, storage_options: dict | None = None, colum
 
     Args:
         root: dataset root.
-        table: ``schemas.IMAGES``, ``schemas.FACES`` or ``schemas.EMBEDDINGS/<name>``.
+        table: ``schemas.IMAGES`` or ``schemas.FACES`` (embeddings tables: :func:`read_embeddings`).
         storage_options: fsspec options.
         columns: subset of columns (None: all).
         markers: commit markers, if already read.
@@ -247,10 +247,11 @@ def read_table(root: str, table: str, storage_options: dict | None = None, colum
         The table, with the schema of its files (empty with no rows if nothing is committed).
     """
     markers = committed(root, storage_options) if markers is None else markers
-    shards = sorted((m["committed_at"], s) for s, m in markers.items() if table.split("/")[0] in m["tables"])
+    if table not in (S.IMAGES, S.FACES):
+        raise ValueError(f"read_table reads {S.IMAGES!r} or {S.FACES!r}, got {table!r}")
+    shards = sorted((m["committed_at"], s) for s, m in markers.items() if table in m["tables"])
     fs, _ = url_to_fs(root, storage_options)
     paths = [url_to_fs(join(root, table, f"{s}.parquet"), storage_options)[1] for _, s in shards]
-    paths = [p for p in paths if fs.exists(p)] if table.startswith(S.EMBEDDINGS) else paths
     if not paths:
         return _empty(table)
     want = None if columns is None else sorted(set(columns) | {S.URI, S.SHARD})
@@ -271,8 +272,7 @@ def _latest_per_uri(t: pa.Table, shard_order: list[str]) -> pa.Table:
 
 
 def _empty(table: str) -> pa.Table:
-    schema = {S.IMAGES: S.IMAGES_SCHEMA, S.FACES: S.FACES_SCHEMA}.get(table, S.EMBEDDINGS_SCHEMA)
-    return schema.empty_table()
+    return {S.IMAGES: S.IMAGES_SCHEMA, S.FACES: S.FACES_SCHEMA}[table].empty_table()
 
 
 def acquire_lock(root: str, run_id: str, storage_options: dict | None = None, stale_after_s: float = 6 * 3600,
