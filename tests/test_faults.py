@@ -18,6 +18,7 @@ import pytest
 import schemas as S
 from tests.badfiles import make_bad_files
 from tests.compare import assert_same_rows
+from tests.procs import descendants as _descendants
 from tests.conftest import LFW_IMAGES, REPO, copy_people, lfw_people, needs_lfw
 from tests.s3util import MotoS3, free_port
 from workers import storage
@@ -68,25 +69,6 @@ def _face_actor_pids() -> list[int]:
         if ppid == raylet:
             mine.append(pid)
     return mine
-
-
-def _descendants(root: int) -> list[int]:
-    """root and every process below it (from /proc PPid links)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                status = (d / "status").read_text()
-            except OSError:
-                continue
-            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 def _run_in_thread(cfg: PrepareConfig):

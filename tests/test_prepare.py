@@ -17,6 +17,7 @@ import pytest
 import schemas as S
 from tests.badfiles import make_bad_files
 from tests.compare import assert_same_rows
+from tests.procs import descendants
 from tests.conftest import REPO, SAMPLE, copy_people, lfw_people, needs_lfw
 from workers import storage
 from workers.pipeline import PrepareConfig, run_prepare
@@ -110,8 +111,21 @@ def test_killed_run_resumes_to_the_same_rows_as_a_clean_run(ray_session, tmp_pat
         if len(list((out / storage.COMMITTED).glob("*.json"))) >= 2:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # the whole tree: Ray's local processes leave the driver's process group, and a write task left
+    # running would commit one more shard after we count them
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    # anything that escaped the tree (reparented to init) dies with its driver; let it settle
+    stable_since, seen = time.time(), -1
+    while time.time() - stable_since < 3:
+        n = len(list((out / storage.COMMITTED).glob("*.json")))
+        if n != seen:
+            stable_since, seen = time.time(), n
+        time.sleep(0.2)
     done = storage.committed(str(out))
     assert 0 < len(done) < 8, f"kill landed after {len(done)} of 8 shards"
     # only committed shards are visible, whatever else lies on disk
