@@ -19,6 +19,7 @@ import schemas as S
 from tests.badfiles import make_bad_files
 from tests.compare import assert_same_rows
 from tests.procs import descendants as _descendants
+from tests.procs import ray_workers
 from tests.conftest import LFW_IMAGES, REPO, copy_people, lfw_people, needs_lfw
 from tests.s3util import MotoS3, free_port
 from workers import storage
@@ -40,35 +41,6 @@ def clean_run(ray_session, fault_input, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fault_clean") / "out"
     run_prepare(PrepareConfig(input=str(fault_input), output=str(out), shard_size=4), **QUIET)
     return out
-
-
-def _pids(pattern: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if pattern in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return [p for p in pids if p != os.getpid()]
-
-
-def _face_actor_pids() -> list[int]:
-    """FaceActor worker processes of this test session's Ray (children of its raylet), not other Rays'."""
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    mine = []
-    for pid in _pids("FaceActor"):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        if ppid == raylet:
-            mine.append(pid)
-    return mine
 
 
 def _run_in_thread(cfg: PrepareConfig):
@@ -99,7 +71,7 @@ def test_face_actor_killed_mid_run(ray_session, fault_input, clean_run, tmp_path
     t, box = _run_in_thread(PrepareConfig(input=str(fault_input), output=str(out), shard_size=4,
                                           shards_per_call=1))
     _wait_for(lambda: len(list((out / storage.COMMITTED).glob("*.json"))) >= 1, 240, "a first commit")
-    victims = _face_actor_pids()
+    victims = ray_workers("FaceActor")
     assert victims, "no FaceActor process found"
     committed_at_kill = len(list((out / storage.COMMITTED).glob("*.json")))
     for pid in victims:
@@ -248,21 +220,6 @@ def test_poison_data_at_scale(tmp_path, fault_log):
         f"peak RSS one process {peak['proc'] / 2**30:.2f} GiB, all Ray processes {peak['rss'] / 2**30:.2f} GiB")
 
 
-def _train_worker_pids() -> list[int]:
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    return [p for p in _pids("RayTrainWorker") if _ppid(p) == raylet]
-
-
-def _ppid(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return -1
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-
-
 def test_train_worker_killed_mid_run_resumes_from_checkpoint(ray_session, prepared_lfw, tmp_path, fault_log):
     from workers.training.data import DataConfig
     from workers.training.losses import LossConfig
@@ -292,7 +249,7 @@ def test_train_worker_killed_mid_run_resumes_from_checkpoint(ray_session, prepar
     _wait_for(lambda: len(checkpoints_in(str(output))) >= 1 or not t.is_alive(), 600, "the first checkpoint")
     time.sleep(2.0)  # the checkpoint folder appears before Ray Train registers it as the latest
     metrics_at_kill = (output / METRICS_FILE).read_text().splitlines() if (output / METRICS_FILE).exists() else []
-    victims = _train_worker_pids()
+    victims = ray_workers("RayTrainWorker")
     assert victims and t.is_alive(), "no training worker to kill (run already over?)"
     os.kill(victims[-1], signal.SIGKILL)
     checkpoints_at_kill = len(checkpoints_in(str(output)))
