@@ -31,12 +31,18 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, default=a.size)
     p.add_argument("--crop-margin", type=float, default=a.margin)
     p.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    p.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="embedder precision: bfloat16 is ~2x faster on CPUs with AVX512-BF16 (see "
+                        "docs/performance.md for its accuracy); float16 needs CUDA")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--shards-per-call", type=int, default=2)
     p.add_argument("--actors", type=int, default=0, help="face actors (0: one per GPU, or 1 on CPU)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="intra-op threads per face actor (0: its CPUs; on a one-node CPU-only Ray, the node's cores "
+                        "shared between the actors)")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--run-id", default="")
     p.add_argument("--force-unlock", action="store_true")
@@ -48,12 +54,13 @@ def parse_args(argv=None):
             engine=EngineConfig(
                 mtcnn=MTCNNConfig(min_face_size=args.min_face_size, thresholds=tuple(args.thresholds),
                                   factor=args.factor, select=args.select, max_faces=args.max_faces),
-                align=AlignConfig(size=args.crop_size, margin=args.crop_margin)),
+                align=AlignConfig(size=args.crop_size, margin=args.crop_margin),
+                embed_precision=args.embed_precision),
             decode=DecodeConfig(max_pixels=args.max_pixels), shard_size=args.shard_size,
             shards_per_call=args.shards_per_call, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, device=args.device,
             storage_options=storage_options(args.s3_endpoint_url), run_id=args.run_id,
-            force_unlock=args.force_unlock)
+            force_unlock=args.force_unlock, torch_threads=args.torch_threads)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args
@@ -72,7 +79,7 @@ def main(argv=None) -> dict:
     connect_ray(args.local_cpus)
     try:
         summary = run_prepare(cfg, checked=checked)
-    except StorageError as exc:
+    except (StorageError, ValueError) as exc:
         fail(str(exc))
     print_summary(summary)
     print(json.dumps(summary))

@@ -51,7 +51,10 @@ def parse_args(argv=None):
     reembed.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
     reembed.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
     reembed.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device)
-    reembed.add_argument("--batch-size", type=int, default=d.batch_size, help="re-embed: crops per forward pass")
+    reembed.add_argument("--batch-size", type=int, default=d.batch_size,
+                         help="re-embed: crops per forward pass (0: by device)")
+    reembed.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default=d.precision,
+                         help="embedder precision (float16: CUDA only)")
     args, rest = p.parse_known_args(argv)
     args.run_id = args.run_id or submission_id()
     if args.incremental:
@@ -66,7 +69,8 @@ def parse_args(argv=None):
         cfg = ReembedConfig(
             root=args.output, embedder=args.embedder, name=args.name, shards_per_call=args.shards_per_call,
             actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-            device=args.device, batch_size=args.batch_size, storage_options=storage_options(args.s3_endpoint_url),
+            device=args.device, batch_size=args.batch_size, precision=args.embed_precision,
+            storage_options=storage_options(args.s3_endpoint_url),
             run_id=args.run_id, force_unlock=args.force_unlock)
     except ValueError as exc:
         fail(str(exc))
@@ -83,7 +87,8 @@ def _incremental_config(p, args, rest):
         p.error("--name is for re-embedding")
     passed = ["--input", args.input, "--output", args.output, "--run-id", args.run_id, "--device", args.device,
               "--shards-per-call", str(args.shards_per_call), "--actors", str(args.actors),
-              "--gpus-per-actor", str(args.gpus_per_actor), "--cpus-per-actor", str(args.cpus_per_actor), *rest]
+              "--gpus-per-actor", str(args.gpus_per_actor), "--cpus-per-actor", str(args.cpus_per_actor),
+              "--embed-precision", args.embed_precision, *rest]
     if args.embedder:
         passed += ["--embedder", args.embedder]
     if args.force_unlock:

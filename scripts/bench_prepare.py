@@ -453,12 +453,12 @@ def anchor_boxes(detector, images: list[np.ndarray]) -> list[np.ndarray]:
 # facemill
 
 
-def load_facemill(device):
+def load_facemill(device, embed_precision: str = "float32"):
     from workers.faces.embedders import load_embedder
     from workers.faces.engine import EngineConfig, FaceEngine
-    from workers.faces.mtcnn import MTCNN, MTCNNConfig
+    from workers.faces.mtcnn import MTCNN
 
-    config = EngineConfig()
+    config = EngineConfig(embed_precision=embed_precision)
     embedder = load_embedder("sface", device)
     engine = FaceEngine(MTCNN.pretrained(config.mtcnn, device), embedder.module, config)
     return engine, embedder.spec
@@ -520,7 +520,8 @@ def breakdown_batch(engine, images: list[np.ndarray], clock: StageClock, write) 
             image_index, boxes, scores, landmarks = detections.flat()
             crops, _ = align_faces(batch, sizes, image_index, landmarks, engine.config.align)
         with clock("embed"):
-            emb = embed_crops(engine.embedder, crops, engine.config.embed_batch_size)
+            emb = embed_crops(engine.embedder, crops, engine.config.embed_batch_size,
+                              engine.config.embed_precision)
         with clock("to_host"):
             res = FaceResults(
                 num_faces=detections.num_faces.int().cpu().numpy(), image_index=image_index.cpu().numpy(),
@@ -596,6 +597,7 @@ def _ray_inputs(work: Workload, tmp: Path) -> str:
 def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
     import pyarrow.parquet as pq
 
+    from workers.faces.engine import EngineConfig
     from workers.pipeline import PrepareConfig, run_prepare
 
     inputs = _ray_inputs(work, tmp)
@@ -603,7 +605,8 @@ def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
     cfg = PrepareConfig(input=inputs, output=str(output), shard_size=args.ray_shard_size,
                         shards_per_call=args.ray_shards_per_call, actors=args.ray_actors,
                         device="cuda" if device == "cuda" else "cpu", cpus_per_actor=args.ray_cpus_per_actor,
-                        run_id=f"bench-{work.name}")
+                        run_id=f"bench-{work.name}",
+                        engine=EngineConfig(embed_precision=args.embed_precision))
     t0 = time.perf_counter()
     summary = run_prepare(cfg, log=lambda msg: log(f"    {msg}"))
     wall = time.perf_counter() - t0
@@ -649,6 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--no-parts", action="store_true",
                    help="do not time MTCNN's resizes / nets / crops / NMS inside the breakdown (fewer syncs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="facemill's embedder precision (EngineConfig.embed_precision)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--ray", action="store_true", help="also run the Ray prepare pipeline (Parquet to a tmp dir)")
     p.add_argument("--ray-shard-size", type=int, default=32)
@@ -676,6 +681,8 @@ def main(argv=None) -> dict:
     import torch
 
     from workers.decode import decode_image
+    from workers.faces.embedders import default_embed_batch
+    from workers.faces.mtcnn import default_crop_chunk, default_stage1_pixels
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -705,7 +712,7 @@ def main(argv=None) -> dict:
         f"{os.cpu_count()} CPUs" + (f", {machine['gpu']}" if machine["gpu"] else ""))
 
     t_load = time.perf_counter()
-    engine, spec = load_facemill(device)
+    engine, spec = load_facemill(device, args.embed_precision)
     anchor, anchor_info = load_anchor(device)
     log(f"models loaded in {time.perf_counter() - t_load:.1f} s; anchor: facenet-pytorch "
         f"{anchor_info.get('anchor_version')}, NMS {anchor_info['anchor_nms']}")
@@ -715,7 +722,13 @@ def main(argv=None) -> dict:
                 "mosaic": lambda: mosaic_workload(files, args.mosaics, args.seed)}
     results = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else argv,
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "machine": machine, **anchor_info, "workloads": {}}
+               "machine": machine, **anchor_info,
+               "facemill_config": json.loads(json.dumps(dataclasses.asdict(engine.config), default=str)),
+               "facemill_chunks": {"crop_chunk": engine.config.mtcnn.crop_chunk or default_crop_chunk(device),
+                                   "stage1_pixels": engine.config.mtcnn.stage1_pixels
+                                   or default_stage1_pixels(device),
+                                   "embed_batch_size": engine.config.embed_batch_size or default_embed_batch(device)},
+               "workloads": {}}
     tmp_root = Path(tempfile.mkdtemp(prefix="facemill-bench-"))
     ray = None
     try:

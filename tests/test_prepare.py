@@ -94,6 +94,34 @@ def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
     assert sum(summary["errors_by_reason"].values()) == summary["images_error"]
 
 
+def test_actor_threads_and_cpu_headroom_rules():
+    from workers.pipeline import actor_threads, check_cpu_headroom
+
+    assert actor_threads(3, 1.0, 0.0, 1, [2.0]) == 3                   # asked for
+    assert actor_threads(0, 1.0, 0.0, 1, [2.0]) == 2                   # laptop: one actor takes both cores
+    assert actor_threads(0, 1.0, 0.0, 2, [16.0]) == 8
+    assert actor_threads(0, 1.0, 0.0, 1, [16.0, 16.0]) == 1            # several nodes: its reserved CPUs
+    assert actor_threads(0, 4.0, 1.0, 1, [16.0]) == 4                  # GPU actors: their reserved CPUs
+    check_cpu_headroom(2, 1.0, 0.0, 2.0)                               # decode fused into the actors
+    check_cpu_headroom(1, 1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="reserve 2 of the cluster's 2 CPUs"):
+        check_cpu_headroom(1, 2.0, 1.0, 2.0)
+
+
+def test_actor_pool_that_starves_decoding_is_refused(ray_session, tmp_path):
+    """One actor holding both CPUs of the local Ray would leave decode tasks waiting forever: refused with
+    a clear message, the output's lock released, and the same output then works."""
+    src = tmp_path / "in"
+    shutil.copytree(SAMPLE / "Colin_Powell", src / "Colin_Powell")
+    out = tmp_path / "out"
+    greedy = PrepareConfig(input=str(src), output=str(out), cpus_per_actor=2)
+    with pytest.raises(ValueError, match="leaving less than the 1 its read/decode tasks need"):
+        run_prepare(greedy, log=lambda *_: None)
+    assert not (out / storage.LOCK).exists()
+    summary = run_prepare(PrepareConfig(input=str(src), output=str(out)), log=lambda *_: None)
+    assert summary["images_in"] == len(list((src / "Colin_Powell").iterdir()))
+
+
 def test_killed_run_resumes_to_the_same_rows_as_a_clean_run(ray_session, tmp_path):
     src = tmp_path / "in"
     copy_people(lfw_people(4, 8, seed=11), src, per_person=4)        # 32 images

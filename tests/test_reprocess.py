@@ -61,6 +61,12 @@ def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
         want = embedder.embed(records.decode_crops(faces.column(S.CROP)))
         np.testing.assert_allclose(_vectors(table), want, atol=1e-5)
         assert table.column(S.FACE_INDEX).to_pylist() == faces.column(S.FACE_INDEX).to_pylist()
+    # bfloat16: the same rows, vectors within cosine 0.98 of float32
+    half = EmbedActor(EmbedActorConfig(run_id="t", precision="bfloat16"))(batch)
+    for i in range(len(shards)):
+        a = _vectors(records.table_from_ipc(out["table_ipc"][i]))
+        b = _vectors(records.table_from_ipc(half["table_ipc"][i]))
+        assert a.shape == b.shape and (a * b).sum(1).min() > 0.98 and np.abs(a - b).max() > 0
 
 
 def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepared_copy):

@@ -46,7 +46,9 @@ class ReembedConfig:
         gpus_per_actor: GPU share of each actor when the cluster has GPUs.
         cpus_per_actor: CPUs reserved by each actor.
         device: "auto", "cuda" or "cpu" for the actors.
-        batch_size: crops per forward pass.
+        batch_size: crops per forward pass (0: by device, see ``embedders.default_embed_batch``).
+        precision: embedder precision, "float32", "bfloat16" or "float16" (CUDA); see
+            ``EngineConfig.embed_precision``.
         torch_threads: intra-op threads per CPU actor (0: cpus_per_actor).
         storage_options: fsspec options.
         run_id: recorded in every row ("" = generated).
@@ -61,7 +63,8 @@ class ReembedConfig:
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int = 0
+    precision: str = "float32"
     torch_threads: int = 0
     storage_options: tuple[tuple[str, str], ...] = ()
     run_id: str = ""
@@ -70,8 +73,11 @@ class ReembedConfig:
     def __post_init__(self):
         if self.shards_per_call < 1:
             raise ValueError(f"shards_per_call must be >= 1, got {self.shards_per_call}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0: by device), got {self.batch_size}")
+        from workers.faces.embedders import check_precision
+
+        check_precision(self.precision, None if self.device == "auto" else self.device)
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"gpus_per_actor must be in (0, 8], got {self.gpus_per_actor}")
         if self.name:
@@ -84,9 +90,10 @@ class EmbedActorConfig:
 
     embedder: str = "sface"
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int = 0
     torch_threads: int = 0
     run_id: str = ""
+    precision: str = "float32"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +197,8 @@ class EmbedActor:
             if count and (int(size), int(size)) != (height, width):
                 raise ValueError(f"stored crops are {size}x{size}, embedder {spec.name!r} needs {height}x{width}")
         crops = np.concatenate([np.frombuffer(b, np.uint8) for b in batch["crops"]]).reshape(-1, height, width, 3)
-        vectors = self.embedder.embed(crops, batch_size=self.config.batch_size)
+        vectors = self.embedder.embed(crops, batch_size=self.config.batch_size,
+                                      precision=self.config.precision)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         tables = [records.table_to_ipc(embeddings_table(records.table_from_ipc(batch["meta_ipc"][i]),
                                                         vectors[bounds[i]:bounds[i + 1]], spec.name,
@@ -301,9 +309,13 @@ def run_reembed(cfg: ReembedConfig, log=print) -> dict:
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     import ray
 
+    from workers.pipeline import check_cpu_headroom
+
     actors, gpus = _resources(cfg)
+    check_cpu_headroom(actors, cfg.cpus_per_actor, 0.5, ray.cluster_resources().get("CPU", 0))
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
-                                 torch_threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)), run_id=run_id)
+                                 precision=cfg.precision, run_id=run_id,
+                                 torch_threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)))
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=0.5)
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,

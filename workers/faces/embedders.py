@@ -308,6 +308,31 @@ def _cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]
 
 _ARCHITECTURES: dict[str, type[SFace]] = {"sface": SFace}
 
+#: Embedding precisions: None = float32 as stored; otherwise the autocast dtype.
+EMBED_PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
+                                                   "float16": torch.float16}
+
+
+def default_embed_batch(device: torch.device | str) -> int:
+    """Faces per embedder forward pass when the caller says 0: 256 on CUDA; 8 on CPU, where a batch's
+    activations then stay in cache (SFace fp32 on 2 cores: 9 ms/face at 8, 26.5 ms/face at 256)."""
+    return 256 if torch.device(device).type == "cuda" else 8
+
+
+def check_precision(precision: str, device: torch.device | str | None = None) -> None:
+    """Raise ValueError unless ``precision`` is known (and, with ``device``, usable there)."""
+    if precision not in EMBED_PRECISIONS:
+        raise ValueError(f"embed precision must be one of {sorted(EMBED_PRECISIONS)}, got {precision!r}")
+    if precision == "float16" and device is not None and torch.device(device).type != "cuda":
+        raise ValueError("embed precision float16 needs CUDA; use bfloat16 on CPU")
+
+
+def precision_autocast(device: torch.device | str, precision: str = "float32"):
+    """The autocast context for running an embedder at ``precision`` on ``device`` (a no-op for float32)."""
+    check_precision(precision, device)
+    dtype = EMBED_PRECISIONS[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Embedder:
@@ -325,18 +350,21 @@ class Embedder:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def embed(self, crops: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def embed(self, crops: np.ndarray | torch.Tensor, batch_size: int = 0,
+              precision: str = "float32") -> np.ndarray:
         """L2-normalised embeddings of aligned face crops.
 
         Args:
             crops: uint8[N, H, W, 3] RGB, ``(H, W) == spec.input_size``; numpy or torch (any device).
-            batch_size: crops per forward pass.
+            batch_size: crops per forward pass (0: :func:`default_embed_batch` of the module's device).
+            precision: a key of :data:`EMBED_PRECISIONS` (reduced precision runs under autocast).
 
         Returns:
             float32[N, spec.embedding_dim], each row of unit L2 norm; ``[0, D]`` when ``N == 0``.
 
         Raises:
-            ValueError: ``crops`` has the wrong shape or dtype, or ``batch_size < 1``.
+            ValueError: ``crops`` has the wrong shape or dtype, ``batch_size < 0`` or ``precision`` is
+                unknown or unusable on the module's device.
         """
         height, width = self.spec.input_size
         shape = tuple(crops.shape)
@@ -344,15 +372,17 @@ class Embedder:
             raise ValueError(f"crops must be [N, {height}, {width}, 3], got {list(shape)}")
         if crops.dtype not in (np.uint8, torch.uint8):
             raise ValueError(f"crops must be uint8, got {crops.dtype}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0: by device), got {batch_size}")
         out = np.empty((shape[0], self.spec.embedding_dim), dtype=np.float32)
+        device, was_training = self.device, self.module.training
+        autocast = precision_autocast(device, precision)
+        batch_size = batch_size or default_embed_batch(device)
         if shape[0] == 0:
             return out
-        device, was_training = self.device, self.module.training
         self.module.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 for start in range(0, shape[0], batch_size):
                     chunk = crops[start:start + batch_size]
                     if isinstance(chunk, np.ndarray):

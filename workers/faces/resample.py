@@ -3,7 +3,7 @@
 Two primitives, both exact per image whatever the padding around it:
 
 * :func:`resize_area` shrinks every image of a padded batch by its own factor with area averaging (the
-  weights of OpenCV's ``INTER_AREA``), as two batched matrix products.
+  weights of OpenCV's ``INTER_AREA``), as two batched banded matrix products (rows, then columns).
 * :func:`sample_patches` cuts N output patches (axis-aligned crops or similarity-warped faces) out of a
   padded batch in one ``grid_sample`` call, treating everything outside each patch's own image as black,
   like ``cv2.warpAffine`` with a constant border.
@@ -12,8 +12,12 @@ Coordinates are OpenCV's: the centre of pixel (row r, column c) is at (x=c, y=r)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+RESIZE_TILE = 8  # output rows per band tile in resize_area (measured best of 4-64 on CPU, docs/performance.md)
 
 
 def pad_images(images: list, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,22 +77,98 @@ def area_weights(in_len: torch.Tensor, out_len: torch.Tensor, in_max: int, out_m
     return torch.where(valid, overlap, 0).float()
 
 
-def resize_area(batch: torch.Tensor, sizes: torch.Tensor, out_sizes: torch.Tensor) -> torch.Tensor:
+def _band_weights(in_len: torch.Tensor, out_len: torch.Tensor, start: torch.Tensor, tile: int,
+                  span: int) -> torch.Tensor:
+    """The non-zero band of :func:`area_weights`, cut into tiles of output samples.
+
+    Args:
+        in_len: int64[B] valid input lengths.
+        out_len: int64[B] output lengths (>= 1).
+        start: int64[B, T] first input sample of each tile's window.
+        tile: output samples per tile.
+        span: input samples per window.
+
+    Returns:
+        float64[B, T, tile, span]: weight of input start[b, t] + l for output t * tile + r, i.e.
+        ``area_weights(...)[b, t * tile + r, start[b, t] + l]``.
+    """
+    dev = in_len.device
+    f = (in_len.double() / out_len.double())[:, None, None, None]
+    n_tiles = start.shape[1]
+    j = (torch.arange(n_tiles, device=dev, dtype=torch.float64)[:, None] * tile
+         + torch.arange(tile, device=dev, dtype=torch.float64)[None, :])[None, :, :, None]
+    i = (start[:, :, None, None] + torch.arange(span, device=dev)[None, None, None, :]).double()
+    lo, hi = j * f, (j + 1) * f
+    overlap = (torch.minimum(hi, i + 1) - torch.maximum(lo, i)).clamp_min(0) / f
+    valid = (j < out_len[:, None, None, None]) & (i < in_len[:, None, None, None])
+    return torch.where(valid, overlap, 0)
+
+
+def _resize_rows(x: torch.Tensor, in_len: torch.Tensor, out_len: torch.Tensor, out_max: int,
+                 tile: int) -> torch.Tensor:
+    """Area-resize the rows (dim -2) of a padded batch, image b from in_len[b] to out_len[b] rows.
+
+    Output rows are taken ``tile`` at a time; a tile only reads the window of input rows its area
+    weights touch (``ceil(tile * f) + 2`` rows, f = in/out), so the cost grows like out x window
+    instead of out x in. The weights are exactly :func:`area_weights`' non-zero entries.
+
+    Args:
+        x: float[B, C, H, W].
+        in_len: int64[B] valid rows per image.
+        out_len: int64[B] wanted rows per image (>= 1).
+        out_max: rows of the result.
+        tile: output rows per tile.
+
+    Returns:
+        float[B, C, out_max, W], zero below each image's out_len.
+    """
+    bsz, c, h, w = x.shape
+    dev = x.device
+    f_max = float((in_len.double() / out_len.double()).max())
+    span = int(math.ceil(tile * f_max)) + 2
+    if span >= h or out_max <= tile:  # no band to exploit: one dense product
+        a = area_weights(in_len, out_len, h, out_max).to(x.dtype)
+        return torch.matmul(a[:, None], x)
+    n_tiles = -(-out_max // tile)
+    t0 = torch.arange(n_tiles, device=dev, dtype=torch.float64) * tile
+    f = in_len.double() / out_len.double()
+    # First input row of each window; windows near the bottom slide up so that they stay inside x
+    # (rows they then cover beyond the tile's own band have zero weight).
+    start = torch.floor(t0[None, :] * f[:, None]).long().clamp(max=h - span)         # [B, T]
+    wts = _band_weights(in_len, out_len, start, tile, span).to(x.dtype)            # [B, T, tile, span]
+    rows = start[:, :, None] + torch.arange(span, device=dev)                       # [B, T, span]
+    base = (torch.arange(bsz, device=dev)[:, None] * c + torch.arange(c, device=dev)[None, :]) * h
+    index = base[:, :, None, None] + rows[:, None]                                  # [B, C, T, span]
+    window = x.reshape(bsz * c * h, w).index_select(0, index.reshape(-1))
+    out = torch.matmul(wts[:, None], window.reshape(bsz, c, n_tiles, span, w))      # [B, C, T, tile, W]
+    return out.reshape(bsz, c, n_tiles * tile, w)[:, :, :out_max]
+
+
+def resize_area(batch: torch.Tensor, sizes: torch.Tensor, out_sizes: torch.Tensor,
+                tile: int = RESIZE_TILE) -> torch.Tensor:
     """Shrink each image of a padded batch to its own output size with area averaging.
+
+    Separable: rows, then columns, each a banded matrix product (:func:`_resize_rows`); the result is
+    the dense ``area_weights`` product up to float rounding.
 
     Args:
         batch: float[B, C, H_max, W_max], image b valid in [:sizes[b,0], :sizes[b,1]].
         sizes: int64[B, 2] valid (H, W).
         out_sizes: int64[B, 2] wanted (H, W), each >= 1.
+        tile: output rows/columns per band tile; 0 for the dense product.
 
     Returns:
         float[B, C, max H_out, max W_out], zero outside each image's output size.
     """
     out_h, out_w = int(out_sizes[:, 0].max()), int(out_sizes[:, 1].max())
-    a_h = area_weights(sizes[:, 0], out_sizes[:, 0], batch.shape[2], out_h).to(batch.dtype)
-    a_w = area_weights(sizes[:, 1], out_sizes[:, 1], batch.shape[3], out_w).to(batch.dtype)
-    rows = torch.matmul(a_h[:, None], batch)                  # [B, C, H_out, W_max]
-    return torch.matmul(rows, a_w[:, None].transpose(-1, -2))  # [B, C, H_out, W_out]
+    if tile <= 0:
+        a_h = area_weights(sizes[:, 0], out_sizes[:, 0], batch.shape[2], out_h).to(batch.dtype)
+        a_w = area_weights(sizes[:, 1], out_sizes[:, 1], batch.shape[3], out_w).to(batch.dtype)
+        rows = torch.matmul(a_h[:, None], batch)                  # [B, C, H_out, W_max]
+        return torch.matmul(rows, a_w[:, None].transpose(-1, -2))  # [B, C, H_out, W_out]
+    rows = _resize_rows(batch, sizes[:, 0], out_sizes[:, 0], out_h, tile)          # [B, C, H_out, W_max]
+    cols = _resize_rows(rows.transpose(-1, -2), sizes[:, 1], out_sizes[:, 1], out_w, tile)
+    return cols.transpose(-1, -2)                                                   # [B, C, H_out, W_out]
 
 
 def box_to_affine(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -111,8 +191,24 @@ def box_to_affine(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
 
 
+def patch_canvas(batch: torch.Tensor) -> torch.Tensor:
+    """The padded batch as one tall image for :func:`sample_patches`: every image in its own slot with
+    a black border of one pixel all round, so bilinear taps near an edge meet black (as cv2's
+    constant border), never a neighbour image. Build it once when cutting patches in several calls.
+
+    Args:
+        batch: float[B, C, H_max, W_max].
+
+    Returns:
+        float[1, C, B * (H_max + 2), W_max + 2].
+    """
+    b, c, h_max, w_max = batch.shape
+    return F.pad(batch, (1, 1, 1, 1)).transpose(0, 1).reshape(1, c, b * (h_max + 2), w_max + 2)
+
+
 def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Tensor,
-                   affine: torch.Tensor, out_hw: tuple[int, int], supersample: int = 1) -> torch.Tensor:
+                   affine: torch.Tensor, out_hw: tuple[int, int], supersample: int = 1,
+                   canvas: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear patches from a padded batch, black outside each patch's source image.
 
     Args:
@@ -123,6 +219,7 @@ def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.
         out_hw: (height, width) of the patches.
         supersample: s >= 1; each output pixel averages s x s bilinear samples (antialiasing when
             shrinking, close to area interpolation for s near the shrink factor).
+        canvas: ``patch_canvas(batch)``, when the caller already built it.
 
     Returns:
         float[N, C, height, width] patches.
@@ -144,10 +241,8 @@ def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.
     hw = sizes[image_index].to(dt)                                      # [N, 2] (H, W)
     x, y = xy[..., 0], xy[..., 1]
     inside = ((x > -1) & (x < hw[:, 1, None, None]) & (y > -1) & (y < hw[:, 0, None, None])).to(batch.dtype)
-    # One tall canvas: every image in its own slot with a black border of one pixel all round, so
-    # bilinear taps near an edge meet black (as cv2's constant border), never a neighbour image.
     slot_h, slot_w = h_max + 2, w_max + 2
-    canvas = F.pad(batch, (1, 1, 1, 1)).transpose(0, 1).reshape(1, c, b * slot_h, slot_w)
+    canvas = patch_canvas(batch) if canvas is None else canvas
     xc = x + 1
     yc = y + 1 + image_index.to(dt)[:, None, None] * slot_h
     gx = (2 * xc + 1) / slot_w - 1
