@@ -108,7 +108,7 @@ class FaceEngine:
             :class:`FaceResults` on the host.
         """
         batch, sizes = pad_images(images, self.device)
-        batch = batch.float()
+        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
         det = self.detector.detect([], batch=batch, sizes=sizes)
         image_index, boxes, scores, landmarks = det.flat()
         crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align)

@@ -303,7 +303,7 @@ class MTCNN(nn.Module):
         """
         if batch is None:
             batch, sizes = pad_images(images, self.device)
-        batch = batch.float()
+        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
         n_img = batch.shape[0]
         cand = self._stage1(batch, sizes)
         cand = self._stage2(batch, sizes, *cand)
