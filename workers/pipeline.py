@@ -121,6 +121,13 @@ def _face_resources(cfg: PrepareConfig) -> tuple[int, float]:
     return cfg.actors or 1, 0.0
 
 
+def alive_node_cpus() -> list[float]:
+    """CPUs of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+
+
 def actor_threads(requested: int, cpus_per_actor: float, gpus_per_actor: float, actors: int,
                   node_cpus: list[float]) -> int:
     """Torch intra-op threads of each face actor.
@@ -224,8 +231,7 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
     actors, gpus = _face_resources(cfg)
     fused = not gpus and cfg.cpus_per_actor == 1  # decode then runs inside the actors
     check_cpu_headroom(actors, cfg.cpus_per_actor, 0.0 if fused else 1.0, ray.cluster_resources().get("CPU", 0))
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    threads = actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus, actors, node_cpus)
+    threads = actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus, actors, alive_node_cpus())
     actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=run_id,
                             torch_threads=threads)
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))

@@ -49,7 +49,7 @@ class ReembedConfig:
         batch_size: crops per forward pass (0: by device, see ``embedders.default_embed_batch``).
         precision: embedder precision, "float32", "bfloat16" or "float16" (CUDA); see
             ``EngineConfig.embed_precision``.
-        torch_threads: intra-op threads per CPU actor (0: cpus_per_actor).
+        torch_threads: intra-op threads per actor (0: ``workers.pipeline.actor_threads``).
         storage_options: fsspec options.
         run_id: recorded in every row ("" = generated).
         force_unlock: take the root's lock even if another run seems to hold it.
@@ -309,13 +309,14 @@ def run_reembed(cfg: ReembedConfig, log=print) -> dict:
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     import ray
 
-    from workers.pipeline import check_cpu_headroom
+    from workers.pipeline import actor_threads, alive_node_cpus, check_cpu_headroom
 
     actors, gpus = _resources(cfg)
     check_cpu_headroom(actors, cfg.cpus_per_actor, 0.5, ray.cluster_resources().get("CPU", 0))
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
                                  precision=cfg.precision, run_id=run_id,
-                                 torch_threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)))
+                                 torch_threads=actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus,
+                                                             actors, alive_node_cpus()))
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=0.5)
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
