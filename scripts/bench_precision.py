@@ -3,7 +3,7 @@
     python scripts/bench_precision.py --device cpu --json precision.json                 # all 7,701 images
     python scripts/bench_precision.py --device cpu --folds 2 --json /tmp/quick.json       # first 2 folds only
 
-Detects and aligns every image named in ``pairs.txt`` once (float32, ``FaceEngine`` defaults), then embeds
+Detects and aligns every image named in ``pairs.txt`` once (float32, ``FaceEngine.detect_align``), then embeds
 the same crops at each ``--precisions`` entry and scores the pairs with the LFW protocol (10 folds; the face
 nearest the image centre per image; a missing face counts as a wrong pair, as ``jobs.evaluate`` does).
 Prints a table and writes JSON: accuracy, VAL@FAR=1e-3, AUC, embed faces/s, and the cosine between each
@@ -30,37 +30,29 @@ from workers.decode import decode_image  # noqa: E402
 from workers.evaluation import verification as V  # noqa: E402
 from workers.evaluation.evaluate import (  # noqa: E402
     first_folds, nearest_centre_faces, pair_scores, verification_metrics)
-from workers.faces.align import align_faces  # noqa: E402
 from workers.faces.embedders import load_embedder  # noqa: E402
-from workers.faces.engine import EngineConfig, embed_crops  # noqa: E402
+from workers.faces.engine import EngineConfig, FaceEngine, embed_crops  # noqa: E402
 from workers.faces.mtcnn import MTCNN  # noqa: E402
-from workers.faces.resample import pad_images  # noqa: E402
 
 DEFAULT_LFW = REPO.parent / "shared" / "data" / "lfw"
 
 
-def detect_all(root: Path, keys: list[str], device: torch.device, batch: int, log) -> dict:
+def detect_all(root: Path, keys: list[str], engine: FaceEngine, batch: int, log) -> dict:
     """Crops, boxes, owning image and image sizes of every face in ``keys`` (``<name>/<file>.jpg``)."""
-    detector = MTCNN.pretrained(device=device)
-    align = EngineConfig().align
     crops, boxes, owner, sizes = [], [], [], []
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(keys), batch):
-            images = []
-            for key in keys[start:start + batch]:
-                decoded = decode_image((root / "images" / key).read_bytes())
-                if decoded.image is None:
-                    raise SystemExit(f"error: cannot decode {key}: {decoded.error} {decoded.detail}")
-                images.append(decoded.image)
-            pixels, hw = pad_images(images, device)
-            pixels = pixels.float().contiguous()
-            found = detector.detect([], batch=pixels, sizes=hw)
-            index, box, _, marks = found.flat()
-            crop, _ = align_faces(pixels, hw, index, marks, align)
-            crops.append(crop), boxes.append(box.cpu()), owner.append(index.cpu() + start), sizes.append(hw.cpu())
-            if (start // batch) % 20 == 0:
-                log(f"  detected {start + len(images)}/{len(keys)} images")
+    for start in range(0, len(keys), batch):
+        images = []
+        for key in keys[start:start + batch]:
+            decoded = decode_image((root / "images" / key).read_bytes())
+            if decoded.image is None:
+                raise SystemExit(f"error: cannot decode {key}: {decoded.error} {decoded.detail}")
+            images.append(decoded.image)
+        faces = engine.detect_align(images)
+        crops.append(faces.crops), boxes.append(faces.boxes.cpu())
+        owner.append(faces.image_index.cpu() + start), sizes.append(faces.sizes.cpu())
+        if (start // batch) % 20 == 0:
+            log(f"  detected {start + len(images)}/{len(keys)} images")
     return {"crops": torch.cat(crops), "boxes": torch.cat(boxes).numpy(), "owner": torch.cat(owner).numpy(),
             "sizes": torch.cat(sizes).numpy(), "seconds": time.perf_counter() - t0}
 
@@ -86,7 +78,9 @@ def main(argv=None) -> dict:
     keys = sorted(set(pairs[V.IMAGE1]) | set(pairs[V.IMAGE2]))
     log(f"bench_precision: {len(pairs)} pairs, {len(keys)} images, device {device}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    det = detect_all(args.lfw, keys, device, args.batch, log)
+    module = load_embedder("sface", device).module.eval()
+    engine = FaceEngine(MTCNN.pretrained(device=device), module, EngineConfig())
+    det = detect_all(args.lfw, keys, engine, args.batch, log)
     n_faces = len(det["crops"])
     log(f"  {n_faces} faces in {det['seconds']:.1f} s")
     face_index = np.concatenate([np.arange(c) for c in np.bincount(det["owner"], minlength=len(keys))])
@@ -94,7 +88,6 @@ def main(argv=None) -> dict:
                                   det["sizes"][det["owner"], 0], face_index)
     chosen_keys = np.asarray(keys, dtype=object)[det["owner"][chosen]]
 
-    module = load_embedder("sface", device).module.eval()
     results, vectors = {}, {}
     for precision in precisions:
         t0 = time.perf_counter()

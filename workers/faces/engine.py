@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +63,28 @@ class FaceResults:
     embeddings: np.ndarray
 
 
+class AlignedFaces(NamedTuple):
+    """Faces of a batch of B images before embedding, flat over the F faces, on the engine's device.
+
+    Attributes:
+        num_faces: int64[B] faces per image.
+        image_index: int64[F] image of each face (non-decreasing).
+        boxes: float[F, 4] x1 y1 x2 y2 pixel edges.
+        scores: float[F] O-Net face probability.
+        landmarks: float[F, 5, 2] (x, y) pixel centres.
+        crops: uint8[F, S, S, 3] aligned RGB crops.
+        sizes: int64[B, 2] (H, W) of each image.
+    """
+
+    num_faces: torch.Tensor
+    image_index: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    landmarks: torch.Tensor
+    crops: torch.Tensor
+    sizes: torch.Tensor
+
+
 def embed_crops(module: nn.Module, crops: torch.Tensor, batch_size: int = 0,
                 precision: str = "float32") -> torch.Tensor:
     """L2-normalised embeddings of aligned crops.
@@ -98,6 +121,20 @@ class FaceEngine:
         return self.detector.device
 
     @torch.inference_mode()
+    def detect_align(self, images: list) -> AlignedFaces:
+        """Detect and align every face (no embedding); results stay on the engine's device.
+
+        Args:
+            images: B RGB images uint8[H_i, W_i, 3] of any sizes.
+        """
+        batch, sizes = pad_images(images, self.device)
+        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
+        det = self.detector.detect([], batch=batch, sizes=sizes)
+        image_index, boxes, scores, landmarks = det.flat()
+        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align)
+        return AlignedFaces(det.num_faces, image_index, boxes, scores, landmarks, crops, sizes)
+
+    @torch.inference_mode()
     def process(self, images: list) -> FaceResults:
         """Detect, align and embed every face.
 
@@ -107,14 +144,10 @@ class FaceEngine:
         Returns:
             :class:`FaceResults` on the host.
         """
-        batch, sizes = pad_images(images, self.device)
-        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
-        det = self.detector.detect([], batch=batch, sizes=sizes)
-        image_index, boxes, scores, landmarks = det.flat()
-        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align)
-        emb = embed_crops(self.embedder, crops, self.config.embed_batch_size, self.config.embed_precision)
+        f = self.detect_align(images)
+        emb = embed_crops(self.embedder, f.crops, self.config.embed_batch_size, self.config.embed_precision)
         return FaceResults(
-            num_faces=det.num_faces.int().cpu().numpy(), image_index=image_index.cpu().numpy(),
-            boxes=boxes.float().cpu().numpy(), scores=scores.float().cpu().numpy(),
-            landmarks=landmarks.float().cpu().numpy(), crops=crops.cpu().numpy(),
+            num_faces=f.num_faces.int().cpu().numpy(), image_index=f.image_index.cpu().numpy(),
+            boxes=f.boxes.float().cpu().numpy(), scores=f.scores.float().cpu().numpy(),
+            landmarks=f.landmarks.float().cpu().numpy(), crops=f.crops.cpu().numpy(),
             embeddings=emb.cpu().numpy())
