@@ -219,6 +219,37 @@ def test_embed_leaves_training_mode_alone(sface):
     np.testing.assert_array_equal(a, sface.embed(_random_crops(2)))
 
 
+def test_folded_batchnorm_gives_the_same_features(sface, lfw_crops):
+    """The inference copy folds each conv -> BN pair; features stay equal to the module's own."""
+    from workers.faces.embedders import fold_batchnorm
+
+    folded = fold_batchnorm(sface.module)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.blocks.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in sface.module.blocks.modules())  # original kept
+    x = torch.from_numpy(lfw_crops).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        got, want = folded(x), sface.module.eval()(x)
+    rel = float((got - want).abs().max() / want.abs().max())
+    print(f"folded vs module: max relative difference {rel:.1e}")
+    assert rel < 1e-5
+
+
+def test_inference_module_refolds_after_a_weight_change(sface):
+    """embed() reuses the folded copy until the weights change in place (as an optimiser step does)."""
+    module, spec = _finetuned(sface)
+    embedder = Embedder(spec=spec, module=module)
+    crops = _random_crops(3)
+    before = embedder.embed(crops)
+    first = embedder.inference_module()
+    assert embedder.inference_module() is first
+    with torch.no_grad():
+        module.blocks[0].dw.bn.weight.mul_(0.5)
+    assert embedder.inference_module() is not first
+    after = embedder.embed(crops)
+    assert not np.allclose(before, after, atol=1e-3)
+    np.testing.assert_allclose(after, Embedder(spec=spec, module=module).embed(crops), atol=1e-6)
+
+
 # ---- save / load ---------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import LFW_IMAGES, SAMPLE, needs_lfw
-from workers.faces.mtcnn import MTCNN, MTCNNConfig, load_mtcnn_nets
+import torch.nn.functional as F
+
+from workers.faces.mtcnn import MTCNN, MTCNNConfig, load_mtcnn_nets, max_pool_2x2_ceil
 
 
 def _rgb(path) -> np.ndarray:
@@ -20,6 +22,14 @@ def _rgb(path) -> np.ndarray:
 def detector():
     torch.manual_seed(0)
     return MTCNN.pretrained(MTCNNConfig())
+
+
+@pytest.mark.parametrize("shape", [(2, 10, 7, 9), (3, 10, 8, 8), (1, 10, 5, 4), (2, 4, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_pool_equals_max_pool2d_ceil_mode(shape, channels_last):
+    x = torch.randn(shape)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    assert torch.equal(max_pool_2x2_ceil(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
 
 
 def test_converted_weights_equal_facenet_pytorch_state_dicts():

@@ -115,11 +115,42 @@ def test_sample_patches_matches_warp_affine_and_ignores_neighbours():
     rng = np.random.default_rng(2)
     imgs = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(64, 80), (50, 40)]]
     batch, sizes = pad_images(imgs)
-    boxes = torch.tensor([[-10.0, 5.0, 40.0, 55.0], [20.0, 30.0, 60.0, 70.0]])   # both cross an edge
+    # All cross an edge; the last two reach far into where the other image's slot lies (below image 0,
+    # above image 1), which must read as black.
+    boxes = torch.tensor([[-10.0, 5.0, 40.0, 55.0], [20.0, 30.0, 60.0, 70.0],
+                          [30.0, 40.0, 90.0, 100.0], [-5.0, -40.0, 30.0, 20.0]])
+    which = [0, 1, 0, 1]
     affine = box_to_affine(boxes, (24, 24))
-    got = sample_patches(batch.float(), sizes, torch.tensor([0, 1]), affine, (24, 24))
-    for i in range(2):
-        ref = cv2.warpAffine(imgs[i].astype(np.float32), cv2.invertAffineTransform(affine[i].double().numpy()),
+    batch = batch.float()
+    batch[1, :, 50:, :] = 255  # stale padding around the smaller image must read as black too
+    batch[1, :, :, 40:] = 255
+    got = sample_patches(batch, sizes, torch.tensor(which), affine, (24, 24))
+    for i, k in enumerate(which):
+        ref = cv2.warpAffine(imgs[k].astype(np.float32), cv2.invertAffineTransform(affine[i].double().numpy()),
                              (24, 24), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         diff = np.abs(got[i].permute(1, 2, 0).numpy() - ref)
         assert diff.max() < 0.5, (i, diff.max())
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_sample_patches_split_over_threads_is_exact(threads):
+    """The patches are cut in one grid_sample per thread slice; any split gives the single-thread result."""
+    rng = np.random.default_rng(3)
+    imgs = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(64, 80), (50, 40), (90, 70)]]
+    batch, sizes = pad_images(imgs)
+    n = 7   # not a multiple of the thread count: the last slice is padded
+    image_index = torch.tensor([0, 1, 2, 2, 0, 1, 2])
+    xy = torch.from_numpy(rng.uniform(-10, 50, (n, 2))).float()
+    side = torch.from_numpy(rng.uniform(8, 40, (n, 1))).float()
+    affine = box_to_affine(torch.cat([xy, xy + side], 1), (24, 24))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sample_patches(batch.float(), sizes, image_index, affine, (24, 24), supersample=2)
+        torch.set_num_threads(threads)
+        split = sample_patches(batch.float(), sizes, image_index, affine, (24, 24), supersample=2)
+    finally:
+        torch.set_num_threads(before)
+    assert split.shape == (n, 3, 24, 24)
+    assert torch.equal(one, split)
+    assert one.abs().sum() > 0

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workers.faces.align import AlignConfig, align_faces
-from workers.faces.embedders import check_precision, default_embed_batch, precision_autocast
+from workers.faces.embedders import check_precision, default_embed_batch, fold_batchnorm, precision_autocast
 from workers.faces.mtcnn import MTCNN, MTCNNConfig
 from workers.faces.resample import pad_images
 
@@ -114,7 +114,8 @@ class FaceEngine:
 
     def __init__(self, detector: MTCNN, embedder: nn.Module, config: EngineConfig = EngineConfig()):
         check_precision(config.embed_precision, detector.device)
-        self.detector, self.embedder, self.config = detector, embedder.eval(), config
+        # Inference only: a BN-folded copy (``embedder`` itself is not changed or kept).
+        self.detector, self.embedder, self.config = detector, fold_batchnorm(embedder), config
 
     @property
     def device(self) -> torch.device:

@@ -84,6 +84,17 @@ def default_crop_chunk(device: torch.device | str) -> int:
     return 4096 if torch.device(device).type == "cuda" else 64
 
 
+def max_pool_2x2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, 2, ceil_mode=True)`` as the maximum of four strided views: float[B, C, H, W] ->
+    [B, C, ceil(H / 2), ceil(W / 2)], the same values. For P-Net's 10 channels in NHWC the pooling
+    kernel is slow (2 cores, [32, 10, 148, 148]: 7.8 ms against 1.8 ms here)."""
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:  # ceil mode: the last window hangs over the edge; -inf never wins the max
+        x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 class PNet(nn.Module):
     """Proposal net: uint8-normalised float[B, 3, H, W] -> (face prob [B, H', W'], box reg [B, 4, H', W'])."""
 
@@ -95,7 +106,7 @@ class PNet(nn.Module):
         self.score, self.reg = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
 
     def forward(self, x):
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = max_pool_2x2_ceil(self.prelu1(self.conv1(x)))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         return torch.softmax(self.score(x), 1)[:, 1], self.reg(x)
 
@@ -372,7 +383,7 @@ class MTCNN(nn.Module):
         """Cut side x side crops of all boxes and run ``net`` on them, in chunks of ``crop_chunk`` boxes
         (0: :func:`default_crop_chunk` of the device)."""
         chunk = self.config.crop_chunk or default_crop_chunk(batch.device)
-        canvas = patch_canvas(batch)
+        canvas = patch_canvas(batch, sizes)
         outs = []
         for i in range(0, img.shape[0], chunk):
             affine = box_to_affine(boxes[i:i + chunk], (side, side))

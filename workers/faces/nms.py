@@ -15,23 +15,34 @@ def box_overlap(a: torch.Tensor, b: torch.Tensor, mode: str = "union") -> torch.
     Returns:
         float[G, K, M].
     """
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
+    # One [G, K, M] temporary per axis, reused in place (the pairwise tensors dominate the cost); each
+    # coordinate of b as a contiguous row, so the inner loops run over unit stride.
+    ca, cb = a.unbind(-1), [v.contiguous() for v in b.unbind(-1)]
+    inter = torch.minimum(ca[2][:, :, None], cb[2][:, None, :]).sub_(
+        torch.maximum(ca[0][:, :, None], cb[0][:, None, :])).clamp_min_(0)
+    inter.mul_(torch.minimum(ca[3][:, :, None], cb[3][:, None, :]).sub_(
+        torch.maximum(ca[1][:, :, None], cb[1][:, None, :])).clamp_min_(0))
     area_a = (a[..., 2:] - a[..., :2]).clamp_min(0).prod(-1)
     area_b = (b[..., 2:] - b[..., :2]).clamp_min(0).prod(-1)
     if mode == "union":
-        denom = area_a[:, :, None] + area_b[:, None, :] - inter
+        denom = (area_a[:, :, None] + area_b[:, None, :]).sub_(inter)
     elif mode == "min":
         denom = torch.minimum(area_a[:, :, None], area_b[:, None, :])
     else:
         raise ValueError(f"mode must be 'union' or 'min', got {mode!r}")
-    return inter / denom.clamp_min(1e-12)
+    return inter.div_(denom.clamp_min_(1e-12))
+
+
+def default_nms_elements(device: torch.device | str) -> int:
+    """Pairwise entries (G * K * K) per chunk of groups when ``max_elements`` is 0: 64M on CUDA (bounds
+    memory); 2M on CPU, where a chunk's [G, K, K] temporaries then stay in cache (2 cores, 8 mosaics
+    with ~1000 P-Net boxes each: 98 ms in one chunk of 64M, 25 ms in chunks of 2M)."""
+    return 1 << 26 if torch.device(device).type == "cuda" else 1 << 21
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
                 mode: str = "union", max_per_group: int | None = None,
-                max_elements: int = 1 << 26) -> torch.Tensor:
+                max_elements: int = 0) -> torch.Tensor:
     """Greedy NMS inside each group, all groups at once.
 
     Boxes are ranked by score inside their group; a box is kept unless a kept box of its group with a higher
@@ -46,7 +57,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
         iou_threshold: overlap above which the lower-scored box goes.
         mode: "union" or "min" (see :func:`box_overlap`).
         max_per_group: keep at most this many top-scored candidates per group before NMS (None: all).
-        max_elements: bound on G * K * K per chunk of groups (memory).
+        max_elements: bound on G * K * K per chunk of groups; 0 = by device (:func:`default_nms_elements`).
 
     Returns:
         int64[M] indices into the inputs of the kept boxes, ordered by group, then score (descending).
@@ -67,7 +78,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     num_groups = counts.shape[0]
     k = int(counts.max())
     kept = torch.zeros(order.shape[0], dtype=torch.bool, device=boxes.device)
-    chunk = max(1, max_elements // (k * k))
+    chunk = max(1, (max_elements or default_nms_elements(boxes.device)) // (k * k))
     for g0 in range(0, num_groups, chunk):  # chunks of groups, for memory only
         g1 = min(g0 + chunk, num_groups)
         in_chunk = (g >= g0) & (g < g1)

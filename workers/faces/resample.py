@@ -191,19 +191,30 @@ def box_to_affine(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
 
 
-def patch_canvas(batch: torch.Tensor) -> torch.Tensor:
-    """The padded batch as one tall image for :func:`sample_patches`: every image in its own slot with
-    a black border of one pixel all round, so bilinear taps near an edge meet black (as cv2's
-    constant border), never a neighbour image. Build it once when cutting patches in several calls.
+def patch_canvas(batch: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The padded batch as one tall image for :func:`sample_patches`: every image in its own slot, black
+    outside its valid area and with a black border of one pixel all round, so bilinear taps beyond an
+    image meet black (as cv2's constant border), never a neighbour image or stale padding. Build it
+    once when cutting patches in several calls.
+
+    The canvas is stored channels-last (pixel-major): a bilinear tap then reads all channels of a pixel
+    from one cache line, where planar storage touches C lines far apart (2 cores, 64 R-Net crops from
+    32 LFW images with the canvas out of cache: ``grid_sample`` 1.9 -> 1.1 ms).
 
     Args:
         batch: float[B, C, H_max, W_max].
+        sizes: int64[B, 2] valid (H, W) per image.
 
     Returns:
-        float[1, C, B * (H_max + 2), W_max + 2].
+        float[1, C, B * (H_max + 2), W_max + 2], channels-last strides.
     """
     b, c, h_max, w_max = batch.shape
-    return F.pad(batch, (1, 1, 1, 1)).transpose(0, 1).reshape(1, c, b * (h_max + 2), w_max + 2)
+    dev = batch.device
+    valid = ((torch.arange(h_max, device=dev)[None, :, None] < sizes[:, 0, None, None])
+             & (torch.arange(w_max, device=dev)[None, None, :] < sizes[:, 1, None, None]))   # [B, H, W]
+    pixels = batch.permute(0, 2, 3, 1) * valid[..., None].to(batch.dtype)
+    pixels = F.pad(pixels, (0, 0, 1, 1, 1, 1))                                          # [B, H+2, W+2, C]
+    return pixels.reshape(1, b * (h_max + 2), w_max + 2, c).permute(0, 3, 1, 2)
 
 
 def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Tensor,
@@ -219,7 +230,7 @@ def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.
         out_hw: (height, width) of the patches.
         supersample: s >= 1; each output pixel averages s x s bilinear samples (antialiasing when
             shrinking, close to area interpolation for s near the shrink factor).
-        canvas: ``patch_canvas(batch)``, when the caller already built it.
+        canvas: ``patch_canvas(batch, sizes)``, when the caller already built it.
 
     Returns:
         float[N, C, height, width] patches.
@@ -231,23 +242,46 @@ def sample_patches(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.
         return batch.new_zeros((0, c, oh, ow))
     s = int(supersample)
     dev, dt = batch.device, affine.dtype
+    slot_h, slot_w = h_max + 2, w_max + 2
+    canvas = patch_canvas(batch, sizes) if canvas is None else canvas
+    # Source pixel centre (x, y) of image i sits at canvas pixel (x + 1, y + 1 + i * slot_h), which
+    # grid_sample addresses as g = (2 * p + 1) / size - 1: fold that into each patch's affine map.
+    scale = torch.tensor([2.0 / slot_w, 2.0 / (b * slot_h)], device=dev, dtype=torch.float64)
+    offset = torch.stack([torch.full_like(image_index, 3, dtype=torch.float64) / slot_w - 1,
+                          (2 * (image_index.double() * slot_h + 1) + 1) / (b * slot_h) - 1], 1)   # [N, 2]
+    to_grid = affine.double() * scale[None, :, None]
+    to_grid[:, :, 2] += offset
     # Sub-sample positions in output pixel-centre coordinates.
     u = (torch.arange(ow * s, device=dev, dtype=dt) + 0.5) / s - 0.5
     v = (torch.arange(oh * s, device=dev, dtype=dt) + 0.5) / s - 0.5
     vv, uu = torch.meshgrid(v, u, indexing="ij")                      # [oh*s, ow*s]
-    ones = torch.ones_like(uu)
-    grid = torch.stack([uu, vv, ones], -1)                             # [oh*s, ow*s, 3]
-    xy = torch.einsum("nij,hwj->nhwi", affine, grid)                   # [N, oh*s, ow*s, 2]
-    hw = sizes[image_index].to(dt)                                      # [N, 2] (H, W)
-    x, y = xy[..., 0], xy[..., 1]
-    inside = ((x > -1) & (x < hw[:, 1, None, None]) & (y > -1) & (y < hw[:, 0, None, None])).to(batch.dtype)
-    slot_h, slot_w = h_max + 2, w_max + 2
-    canvas = patch_canvas(batch) if canvas is None else canvas
-    xc = x + 1
-    yc = y + 1 + image_index.to(dt)[:, None, None] * slot_h
-    gx = (2 * xc + 1) / slot_w - 1
-    gy = (2 * yc + 1) / (b * slot_h) - 1
-    g = torch.stack([gx, gy], -1).reshape(1, n * oh * s, ow * s, 2).to(batch.dtype)
-    out = F.grid_sample(canvas, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = out.reshape(c, n, oh * s, ow * s).transpose(0, 1) * inside[:, None]
-    return F.avg_pool2d(out, s) if s > 1 else out
+    grid = torch.stack([uu, vv, torch.ones_like(uu)], -1)              # [oh*s, ow*s, 3]
+    g = torch.einsum("nij,hwj->nhwi", to_grid.to(dt), grid).to(batch.dtype)   # [N, oh*s, ow*s, 2]
+    # Outside its own image a sample is black, like cv2's constant border. Along x nothing else lies
+    # there (blacked padding, the slot's border, then off the canvas); along y the neighbouring slots
+    # do, so y is clamped to [-1.5, H_max + 0.5]: every tap beyond the image then falls on padding or
+    # on a border row, black, while samples inside the image keep their position.
+    lo = (offset - 1.5 * scale).to(g.dtype)                                   # g of pixel -1.5
+    hi = (offset + scale * torch.tensor([w_max + 0.5, h_max + 0.5], device=dev, dtype=torch.float64)).to(g.dtype)
+    g = torch.clamp(g, lo[:, None, None], hi[:, None, None])
+    # grid_sample's CPU kernel runs one thread per batch entry: hand it the canvas once per thread
+    # (a stride-0 view, no copy) and each thread a slice of the patches.
+    parts = sampler_parts(n, dev)
+    per_part = -(-n // parts)
+    g = F.pad(g, (0, 0, 0, 0, 0, 0, 0, per_part * parts - n))
+    g = g.reshape(parts, per_part * oh * s, ow * s, 2)
+    out = F.grid_sample(canvas.expand(parts, -1, -1, -1), g, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)                                  # [P, C, per*oh*s, ow*s]
+    if s > 1:  # patches are stacked along y in whole multiples of s rows: pooling never mixes two
+        out = F.avg_pool2d(out, s)
+    out = out.reshape(parts, c, per_part, oh, ow).transpose(1, 2)
+    return out.reshape(parts * per_part, c, oh, ow)[:n]
+
+
+def sampler_parts(n: int, device: torch.device) -> int:
+    """Batch entries to split ``n`` patches into for one ``grid_sample`` call: the intra-op thread count
+    on CPU (its kernel parallelises over the batch only; 2 cores: 0.24 s -> 0.11 s for 2000 48x48
+    patches), 1 on CUDA (the kernel is parallel over every output pixel)."""
+    if device.type == "cuda" or n <= 1:
+        return 1
+    return max(1, min(n, torch.get_num_threads()))
