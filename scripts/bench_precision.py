@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     for precision in precisions:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            emb = embed_crops(module, det["crops"], args.embed_batch, precision).cpu().numpy()
+            emb = embed_crops(engine.embedder, det["crops"], args.embed_batch, precision).cpu().numpy()
         seconds = time.perf_counter() - t0
         vectors[precision] = emb
         scores, valid = pair_scores(pairs, chosen_keys, emb[chosen])

@@ -502,23 +502,24 @@ def breakdown_batch(engine, images: list[np.ndarray], clock: StageClock, write) 
 
     from workers.faces.align import align_faces
     from workers.faces.engine import FaceResults, embed_crops
-    from workers.faces.resample import pad_images
+    from workers.faces.resample import pad_images, patch_canvas
 
     det = engine.detector
     with torch.inference_mode():
         with clock("upload"):
             batch, sizes = pad_images(images, engine.device)
-            batch = batch.float()
+            batch = batch.float().contiguous()
         with clock("pnet"):
             cand = det._stage1(batch, sizes)
-        with clock("rnet"):
-            cand = det._stage2(batch, sizes, *cand)
+        with clock("rnet"):  # the crop canvas (shared by R-Net, O-Net and align) is counted here
+            canvas = patch_canvas(batch, sizes)
+            cand = det._stage2(batch, sizes, *cand, canvas=canvas)
         with clock("onet"):
-            found = det._stage3(batch, sizes, *cand)
+            found = det._stage3(batch, sizes, *cand, canvas=canvas)
             detections = det._select(*found, sizes, batch.shape[0])
         with clock("align"):
             image_index, boxes, scores, landmarks = detections.flat()
-            crops, _ = align_faces(batch, sizes, image_index, landmarks, engine.config.align)
+            crops, _ = align_faces(batch, sizes, image_index, landmarks, engine.config.align, canvas)
         with clock("embed"):
             emb = embed_crops(engine.embedder, crops, engine.config.embed_batch_size,
                               engine.config.embed_precision)

@@ -95,7 +95,7 @@ def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
 
 
 def test_actor_threads_and_cpu_headroom_rules():
-    from workers.pipeline import actor_threads, check_cpu_headroom
+    from workers.pipeline import actor_threads, check_cpu_headroom, write_task_cpus
 
     assert actor_threads(3, 1.0, 0.0, 1, [2.0]) == 3                   # asked for
     assert actor_threads(0, 1.0, 0.0, 1, [2.0]) == 2                   # laptop: one actor takes both cores
@@ -106,6 +106,11 @@ def test_actor_threads_and_cpu_headroom_rules():
     check_cpu_headroom(1, 1.0, 1.0, 2.0)
     with pytest.raises(ValueError, match="reserve 2 of the cluster's 2 CPUs"):
         check_cpu_headroom(1, 2.0, 1.0, 2.0)
+    # Write tasks get what is left, so that they run while the actors live (the stream keeps flowing).
+    assert write_task_cpus(1.0, 0.0, 2.0) == 0.5                         # laptop default: one actor
+    assert write_task_cpus(2.0, 0.0, 2.0) == 0.0                         # --actors 2 on 2 CPUs
+    assert write_task_cpus(1.0, 1.0, 2.0) == 0.0                         # decode tasks take the rest
+    assert write_task_cpus(8.0, 1.0, 16.0) == 0.5                        # a GPU node
 
 
 def test_actor_pool_that_starves_decoding_is_refused(ray_session, tmp_path):

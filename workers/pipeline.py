@@ -167,6 +167,26 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, task_cpus: float, clu
                          f"lower --actors or --cpus-per-actor")
 
 
+WRITE_TASK_CPUS = 0.5
+
+
+def write_task_cpus(reserved: float, feeding_cpus: float, cluster_cpus: float) -> float:
+    """CPUs each write task asks for: ``WRITE_TASK_CPUS``, or what the actors and one feeding task leave
+    free, down to 0.
+
+    A write task that cannot be scheduled while the actors live stops the stream: every result then
+    waits in the object store until the last actor exits (seen: ``--actors 2`` on 2 CPUs wrote nothing
+    for 60 s, then all 16 shards at once). Writes are light (JPEG-encode the crops, one Parquet file
+    per shard), so running them beside the actors without a reservation costs little.
+
+    Args:
+        reserved: CPUs the actor pool reserves.
+        feeding_cpus: CPUs one read/decode task needs (0 when decode is fused into the actors).
+        cluster_cpus: CPUs of the cluster now.
+    """
+    return max(0.0, min(WRITE_TASK_CPUS, cluster_cpus - reserved - feeding_cpus))
+
+
 def check_prepare(cfg: PrepareConfig) -> tuple[pd.DataFrame, list[str]]:
     """Everything that can fail before any work: the embedder, the input listing, the output's writability.
 
@@ -230,7 +250,9 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
 
     actors, gpus = _face_resources(cfg)
     fused = not gpus and cfg.cpus_per_actor == 1  # decode then runs inside the actors
-    check_cpu_headroom(actors, cfg.cpus_per_actor, 0.0 if fused else 1.0, ray.cluster_resources().get("CPU", 0))
+    feeding, cluster_cpus = (0.0 if fused else 1.0), ray.cluster_resources().get("CPU", 0)
+    check_cpu_headroom(actors, cfg.cpus_per_actor, feeding, cluster_cpus)
+    write_cpus = write_task_cpus(actors * cfg.cpus_per_actor, feeding, cluster_cpus)
     threads = actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus, actors, alive_node_cpus())
     actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=run_id,
                             torch_threads=threads)
@@ -241,7 +263,7 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
                         num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
     ds = ds.map(write_shard, fn_kwargs={"output": cfg.output, "storage_options": opts,
                                         "crop_size": cfg.engine.align.size, "crop_quality": cfg.crop_quality},
-                num_cpus=0.5)
+                num_cpus=write_cpus)
     rows, n_img, t0, last = [], 0, time.time(), 0.0
     total = sum(len(s["uris"]) for s in shards)
     for row in ds.iter_rows():

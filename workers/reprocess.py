@@ -309,10 +309,12 @@ def run_reembed(cfg: ReembedConfig, log=print) -> dict:
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     import ray
 
-    from workers.pipeline import actor_threads, alive_node_cpus, check_cpu_headroom
+    from workers.pipeline import actor_threads, alive_node_cpus, check_cpu_headroom, write_task_cpus
 
     actors, gpus = _resources(cfg)
-    check_cpu_headroom(actors, cfg.cpus_per_actor, 0.5, ray.cluster_resources().get("CPU", 0))
+    read_cpus, cluster_cpus = 0.5, ray.cluster_resources().get("CPU", 0)
+    check_cpu_headroom(actors, cfg.cpus_per_actor, read_cpus, cluster_cpus)
+    write_cpus = write_task_cpus(actors * cfg.cpus_per_actor, read_cpus, cluster_cpus)
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
                                  precision=cfg.precision, run_id=run_id,
                                  torch_threads=actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus,
@@ -323,7 +325,7 @@ def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opt
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
     ds = ds.map(write_embeddings, fn_kwargs={"root": cfg.root, "name": name, "embedder_source": cfg.embedder,
-                                             "storage_options": opts}, num_cpus=0.5)
+                                             "storage_options": opts}, num_cpus=write_cpus)
     return list(ds.iter_rows())
 
 

@@ -92,7 +92,8 @@ def invert_affine(m: torch.Tensor) -> torch.Tensor:
 
 
 def align_faces(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Tensor, landmarks: torch.Tensor,
-                config: AlignConfig = AlignConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+                config: AlignConfig = AlignConfig(),
+                canvas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp every face onto the template.
 
     Args:
@@ -101,6 +102,7 @@ def align_faces(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Ten
         image_index: int64[F] image of each face.
         landmarks: float[F, 5, 2] (x, y) pixel centres in the original image.
         config: output geometry.
+        canvas: ``resample.patch_canvas(batch, sizes)`` when the caller already built it.
 
     Returns:
         crops: uint8[F, size, size, 3] RGB.
@@ -108,6 +110,7 @@ def align_faces(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Ten
     """
     dst = config.points().to(landmarks.device)
     m = umeyama(landmarks.float(), dst)
-    patches = sample_patches(batch, sizes, image_index, invert_affine(m), (config.size, config.size))
+    patches = sample_patches(batch, sizes, image_index, invert_affine(m), (config.size, config.size),
+                             canvas=canvas)
     crops = patches.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return crops, m

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from workers.faces.align import AlignConfig, align_faces
 from workers.faces.embedders import check_precision, default_embed_batch, fold_batchnorm, precision_autocast
 from workers.faces.mtcnn import MTCNN, MTCNNConfig
-from workers.faces.resample import pad_images
+from workers.faces.resample import pad_images, patch_canvas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +129,11 @@ class FaceEngine:
             images: B RGB images uint8[H_i, W_i, 3] of any sizes.
         """
         batch, sizes = pad_images(images, self.device)
-        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
-        det = self.detector.detect([], batch=batch, sizes=sizes)
+        batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
+        canvas = patch_canvas(batch, sizes)  # one for the R-Net, O-Net and alignment patches
+        det = self.detector.detect([], batch=batch, sizes=sizes, canvas=canvas)
         image_index, boxes, scores, landmarks = det.flat()
-        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align)
+        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align, canvas)
         return AlignedFaces(det.num_faces, image_index, boxes, scores, landmarks, crops, sizes)
 
     @torch.inference_mode()

@@ -301,24 +301,26 @@ class MTCNN(nn.Module):
 
     @torch.inference_mode()
     def detect(self, images: list, batch: torch.Tensor | None = None,
-               sizes: torch.Tensor | None = None) -> Detections:
+               sizes: torch.Tensor | None = None, canvas: torch.Tensor | None = None) -> Detections:
         """Detect faces in every image.
 
         Args:
             images: B RGB images uint8[H_i, W_i, 3] (numpy or torch); ignored when batch is given.
             batch: optional already padded uint8/float[B, 3, H_max, W_max] on the detector's device.
             sizes: int64[B, 2] (H, W) per image, with batch.
+            canvas: ``patch_canvas(batch, sizes)`` when the caller built it (to cut more patches later).
 
         Returns:
             :class:`Detections` padded over the batch.
         """
         if batch is None:
             batch, sizes = pad_images(images, self.device)
-        batch = batch.float().contiguous()  # NCHW rows: the resize and crop canvas read them as is
+        batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
+        canvas = patch_canvas(batch, sizes) if canvas is None else canvas   # one for R-Net and O-Net
         n_img = batch.shape[0]
         cand = self._stage1(batch, sizes)
-        cand = self._stage2(batch, sizes, *cand)
-        img, boxes, scores, marks = self._stage3(batch, sizes, *cand)
+        cand = self._stage2(batch, sizes, *cand, canvas=canvas)
+        img, boxes, scores, marks = self._stage3(batch, sizes, *cand, canvas=canvas)
         return self._select(img, boxes, scores, marks, sizes, n_img)
 
     def _stage1(self, batch, sizes):
@@ -379,11 +381,11 @@ class MTCNN(nn.Module):
             found.append((img[keep], boxes[keep], scores[keep], reg[b[keep], :, y[keep], x[keep]]))
         return found
 
-    def _score_crops(self, net, batch, sizes, img, boxes, side):
+    def _score_crops(self, net, batch, sizes, img, boxes, side, canvas=None):
         """Cut side x side crops of all boxes and run ``net`` on them, in chunks of ``crop_chunk`` boxes
         (0: :func:`default_crop_chunk` of the device)."""
         chunk = self.config.crop_chunk or default_crop_chunk(batch.device)
-        canvas = patch_canvas(batch, sizes)
+        canvas = patch_canvas(batch, sizes) if canvas is None else canvas
         outs = []
         for i in range(0, img.shape[0], chunk):
             affine = box_to_affine(boxes[i:i + chunk], (side, side))
@@ -392,22 +394,22 @@ class MTCNN(nn.Module):
             outs.append(net(self._layout(_normalise(patches))))
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    def _stage2(self, batch, sizes, img, boxes):
+    def _stage2(self, batch, sizes, img, boxes, canvas=None):
         cfg = self.config
         if img.numel() == 0:
             return img, boxes
-        prob, reg = self._score_crops(self.rnet, batch, sizes, img, boxes, 24)
+        prob, reg = self._score_crops(self.rnet, batch, sizes, img, boxes, 24, canvas)
         ok = prob >= cfg.thresholds[1]
         img, boxes, prob, reg = img[ok], boxes[ok], prob[ok], reg[ok]
         keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
         return img[keep], _square(_regress(boxes[keep], reg[keep]))
 
-    def _stage3(self, batch, sizes, img, boxes):
+    def _stage3(self, batch, sizes, img, boxes, canvas=None):
         cfg = self.config
         if img.numel() == 0:
             z = batch.new_zeros
             return img, z((0, 4)), z((0,)), z((0, 5, 2))
-        prob, reg, lm = self._score_crops(self.onet, batch, sizes, img, boxes, 48)
+        prob, reg, lm = self._score_crops(self.onet, batch, sizes, img, boxes, 48, canvas)
         ok = prob >= cfg.thresholds[2]
         img, boxes, prob, reg, lm = img[ok], boxes[ok], prob[ok], reg[ok], lm[ok]
         wh = boxes[:, 2:] - boxes[:, :2]
