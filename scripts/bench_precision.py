@@ -30,8 +30,8 @@ from workers.decode import decode_image  # noqa: E402
 from workers.evaluation import verification as V  # noqa: E402
 from workers.evaluation.evaluate import (  # noqa: E402
     first_folds, nearest_centre_faces, pair_scores, verification_metrics)
-from workers.faces.embedders import load_embedder  # noqa: E402
-from workers.faces.engine import EngineConfig, FaceEngine, embed_crops  # noqa: E402
+from workers.faces.embedders import embed_crops, load_embedder  # noqa: E402
+from workers.faces.engine import EngineConfig, FaceEngine  # noqa: E402
 from workers.faces.mtcnn import MTCNN  # noqa: E402
 
 DEFAULT_LFW = REPO.parent / "shared" / "data" / "lfw"

@@ -501,7 +501,8 @@ def breakdown_batch(engine, images: list[np.ndarray], clock: StageClock, write) 
     import torch
 
     from workers.faces.align import align_faces
-    from workers.faces.engine import FaceResults, embed_crops
+    from workers.faces.embedders import embed_crops
+    from workers.faces.engine import FaceResults
     from workers.faces.resample import pad_images, patch_canvas
 
     det = engine.detector

@@ -187,6 +187,21 @@ def write_task_cpus(reserved: float, feeding_cpus: float, cluster_cpus: float) -
     return max(0.0, min(WRITE_TASK_CPUS, cluster_cpus - reserved - feeding_cpus))
 
 
+def plan_actor_pool(actors: int, cpus_per_actor: float, gpus_per_actor: float, feeding_cpus: float,
+                    torch_threads: int) -> tuple[int, float]:
+    """Check an actor pool against the connected Ray cluster before any work (:func:`check_cpu_headroom`).
+
+    Returns:
+        (torch threads per actor (:func:`actor_threads`), CPUs per write task (:func:`write_task_cpus`)).
+    """
+    import ray
+
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    check_cpu_headroom(actors, cpus_per_actor, feeding_cpus, cluster_cpus)
+    threads = actor_threads(torch_threads, cpus_per_actor, gpus_per_actor, actors, alive_node_cpus())
+    return threads, write_task_cpus(actors * cpus_per_actor, feeding_cpus, cluster_cpus)
+
+
 def check_prepare(cfg: PrepareConfig) -> tuple[pd.DataFrame, list[str]]:
     """Everything that can fail before any work: the embedder, the input listing, the output's writability.
 
@@ -250,10 +265,8 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
 
     actors, gpus = _face_resources(cfg)
     fused = not gpus and cfg.cpus_per_actor == 1  # decode then runs inside the actors
-    feeding, cluster_cpus = (0.0 if fused else 1.0), ray.cluster_resources().get("CPU", 0)
-    check_cpu_headroom(actors, cfg.cpus_per_actor, feeding, cluster_cpus)
-    write_cpus = write_task_cpus(actors * cfg.cpus_per_actor, feeding, cluster_cpus)
-    threads = actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus, actors, alive_node_cpus())
+    threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, 0.0 if fused else 1.0,
+                                          cfg.torch_threads)
     actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=run_id,
                             torch_threads=threads)
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))

@@ -309,18 +309,15 @@ def run_reembed(cfg: ReembedConfig, log=print) -> dict:
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     import ray
 
-    from workers.pipeline import actor_threads, alive_node_cpus, check_cpu_headroom, write_task_cpus
+    from workers.pipeline import plan_actor_pool
 
     actors, gpus = _resources(cfg)
-    read_cpus, cluster_cpus = 0.5, ray.cluster_resources().get("CPU", 0)
-    check_cpu_headroom(actors, cfg.cpus_per_actor, read_cpus, cluster_cpus)
-    write_cpus = write_task_cpus(actors * cfg.cpus_per_actor, read_cpus, cluster_cpus)
+    read_cpus = 0.5
+    threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, read_cpus, cfg.torch_threads)
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
-                                 precision=cfg.precision, run_id=run_id,
-                                 torch_threads=actor_threads(cfg.torch_threads, cfg.cpus_per_actor, gpus,
-                                                             actors, alive_node_cpus()))
+                                 precision=cfg.precision, run_id=run_id, torch_threads=threads)
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=0.5)
+    ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=read_cpus)
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors

@@ -361,6 +361,30 @@ def _weights_key(module: nn.Module) -> tuple:
                  for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def embed_crops(module: nn.Module, crops: torch.Tensor, batch_size: int = 0,
+                precision: str = "float32") -> torch.Tensor:
+    """L2-normalised embeddings of aligned crops.
+
+    Args:
+        module: embedder taking float[N, 3, S, S] RGB 0..255, returning float[N, D].
+        crops: uint8[N, S, S, 3] RGB, on the module's device. Its NHWC storage reaches the module as a
+            channels_last tensor, the layout the convolutions run fastest in.
+        batch_size: faces per forward pass (0: ``default_embed_batch`` of the device).
+        precision: a key of :data:`EMBED_PRECISIONS`; reduced precision runs under autocast.
+
+    Returns:
+        float32[N, D] unit vectors.
+    """
+    batch_size = batch_size or default_embed_batch(crops.device)
+    with precision_autocast(crops.device, precision):
+        outs = [F.normalize(module(chunk.permute(0, 3, 1, 2).float()).float(), dim=1)
+                for chunk in crops.split(batch_size)]
+    if outs:
+        return torch.cat(outs)
+    dim = getattr(module, "embedding_dim", 128)
+    return torch.zeros((0, dim), device=crops.device)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Embedder:
     """A face embedding model ready for inference.
@@ -412,18 +436,17 @@ class Embedder:
             raise ValueError(f"batch_size must be >= 0 (0: by device), got {batch_size}")
         out = np.empty((shape[0], self.spec.embedding_dim), dtype=np.float32)
         device = self.device
-        autocast = precision_autocast(device, precision)
+        check_precision(precision, device)
         batch_size = batch_size or default_embed_batch(device)
         if shape[0] == 0:
             return out
         net = self.inference_module()
-        with torch.inference_mode(), autocast:
-            for start in range(0, shape[0], batch_size):
+        with torch.inference_mode():
+            for start in range(0, shape[0], batch_size):  # uploads one forward pass at a time
                 chunk = crops[start:start + batch_size]
                 if isinstance(chunk, np.ndarray):
                     chunk = torch.from_numpy(np.ascontiguousarray(chunk))
-                x = chunk.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                features = F.normalize(net(x).float(), dim=1)
+                features = embed_crops(net, chunk.to(device, non_blocking=True), batch_size, precision)
                 out[start:start + len(features)] = features.cpu().numpy()
         return out
 

@@ -7,10 +7,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from workers.faces.align import AlignConfig, align_faces
-from workers.faces.embedders import check_precision, default_embed_batch, fold_batchnorm, precision_autocast
+from workers.faces.embedders import check_precision, embed_crops, fold_batchnorm
 from workers.faces.mtcnn import MTCNN, MTCNNConfig
 from workers.faces.resample import pad_images, patch_canvas
 
@@ -83,30 +82,6 @@ class AlignedFaces(NamedTuple):
     landmarks: torch.Tensor
     crops: torch.Tensor
     sizes: torch.Tensor
-
-
-def embed_crops(module: nn.Module, crops: torch.Tensor, batch_size: int = 0,
-                precision: str = "float32") -> torch.Tensor:
-    """L2-normalised embeddings of aligned crops.
-
-    Args:
-        module: embedder taking float[N, 3, S, S] RGB 0..255, returning float[N, D].
-        crops: uint8[N, S, S, 3] RGB, on the module's device. Its NHWC storage reaches the module as a
-            channels_last tensor, the layout the convolutions run fastest in.
-        batch_size: faces per forward pass (0: ``default_embed_batch`` of the device).
-        precision: a key of ``embedders.EMBED_PRECISIONS``; reduced precision runs under autocast.
-
-    Returns:
-        float32[N, D] unit vectors.
-    """
-    batch_size = batch_size or default_embed_batch(crops.device)
-    with precision_autocast(crops.device, precision):
-        outs = [F.normalize(module(chunk.permute(0, 3, 1, 2).float()).float(), dim=1)
-                for chunk in crops.split(batch_size)]
-    if outs:
-        return torch.cat(outs)
-    dim = getattr(module, "embedding_dim", 128)
-    return torch.zeros((0, dim), device=crops.device)
 
 
 class FaceEngine:
