@@ -25,13 +25,17 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder for eval.json and roc.png, local or s3://")
     p.add_argument("--embeddings", default="", help="embeddings/<name> table written by reprocess "
                                                     "(default: the faces table's own embeddings)")
+    p.add_argument("--degrade", default="", help="evaluate on a degraded domain: lowres:16, jpeg:10+gray, mask, "
+                                                 "blur:2, ... (stored crops degraded per image, re-embedded)")
+    p.add_argument("--embedder", default="sface", help="with --degrade: the model that embeds the degraded crops")
     p.add_argument("--folds", type=int, default=0, help="use only the first K folds (0: all)")
     p.add_argument("--far", type=float, default=1e-3, help="false accept rate of VAL@FAR")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
     try:
         return EvaluateConfig(faces=args.faces, pairs=args.pairs, output=args.output, embeddings=args.embeddings,
-                              folds=args.folds, far_target=args.far,
+                              folds=args.folds, far_target=args.far, degrade=args.degrade,
+                              embedder=args.embedder,
                               storage_options=storage_options(args.s3_endpoint_url))
     except ValueError as exc:
         fail(str(exc))

@@ -16,7 +16,7 @@ def parse_args(argv=None):
     from workers.faces.align import AlignConfig
     from workers.faces.engine import EngineConfig
     from workers.faces.mtcnn import MTCNNConfig
-    from workers.pipeline import PrepareConfig
+    from workers.pipeline import PrepareConfig, new_run_id
 
     m, a, d = MTCNNConfig(), AlignConfig(), DecodeConfig()
     p = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.splitlines()[0])
@@ -44,8 +44,11 @@ def parse_args(argv=None):
                    help="intra-op threads per face actor (0: its CPUs; on a one-node CPU-only Ray, the node's cores "
                         "shared between the actors)")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--run-id", default="")
-    p.add_argument("--force-unlock", action="store_true")
+    p.add_argument("--run-id", default="", help="letters, digits, '.', '_', '-' (default: time + random)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="reprocess every error row (transient errors such as read_failed are always retried)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="local --input/--output paths are on a filesystem every Ray node sees")
     p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     args = p.parse_args(argv)
     try:
@@ -59,8 +62,8 @@ def parse_args(argv=None):
             decode=DecodeConfig(max_pixels=args.max_pixels), shard_size=args.shard_size,
             shards_per_call=args.shards_per_call, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, device=args.device,
-            storage_options=storage_options(args.s3_endpoint_url), run_id=args.run_id,
-            force_unlock=args.force_unlock, torch_threads=args.torch_threads)
+            storage_options=storage_options(args.s3_endpoint_url), run_id=args.run_id or new_run_id(),
+            torch_threads=args.torch_threads, retry_errors=args.retry_errors, shared_fs=args.shared_fs)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args
@@ -68,19 +71,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from workers.faces.weights import WeightsNotFound
+    from workers.lease import take_lease
     from workers.pipeline import check_prepare, print_summary, run_prepare
     from workers.storage import StorageError
 
     cfg, args = parse_args(argv)
     try:
         checked = check_prepare(cfg)  # fail fast, before Ray starts
+        lease = take_lease(cfg.output, cfg.run_id, "prepare", dict(cfg.storage_options))
     except (StorageError, ValueError, WeightsNotFound) as exc:
         fail(str(exc))
-    connect_ray(args.local_cpus)
     try:
-        summary = run_prepare(cfg, checked=checked)
+        connect_ray(args.local_cpus)
+        summary = run_prepare(cfg, checked=checked, lease=lease)
     except (StorageError, ValueError) as exc:
         fail(str(exc))
+    finally:
+        lease.release()
     print_summary(summary)
     print(json.dumps(summary))
     return summary

@@ -6,7 +6,8 @@
     ray job submit --submission-id facemill-reprocess-$(date +%Y%m%dT%H%M) --working-dir . -- \\
         python -m jobs.reprocess --incremental --input s3://bucket/faces --output s3://bucket/facemill
 
-Both take the dataset's run lock; a run that finds the lock held by a live run exits with status 2.
+Both take the dataset's run lease before Ray starts; a run that finds it held by a live run exits with
+status 2 and one line.
 The run id recorded in every row is --run-id / --submission-id, else the Ray job's submission id.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default="", help="re-embed: table name under embeddings/ (default: the embedder's name)")
     p.add_argument("--run-id", "--submission-id", dest="run_id", default="",
                    help="run id recorded in every row (default: the Ray job submission id, else generated)")
-    p.add_argument("--force-unlock", action="store_true")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="a local --output (and --input) is on a filesystem every Ray node sees")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     reembed = p.add_argument_group("actors (both modes)")
@@ -56,7 +58,9 @@ def parse_args(argv=None):
     reembed.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default=d.precision,
                          help="embedder precision (float16: CUDA only)")
     args, rest = p.parse_known_args(argv)
-    args.run_id = args.run_id or submission_id()
+    from workers.pipeline import new_run_id
+
+    args.run_id = args.run_id or submission_id() or new_run_id()
     if args.incremental:
         return _incremental_config(p, args, rest), args
     if rest:
@@ -71,7 +75,7 @@ def parse_args(argv=None):
             actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
             device=args.device, batch_size=args.batch_size, precision=args.embed_precision,
             storage_options=storage_options(args.s3_endpoint_url),
-            run_id=args.run_id, force_unlock=args.force_unlock)
+            run_id=args.run_id, shared_fs=args.shared_fs)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args
@@ -91,8 +95,8 @@ def _incremental_config(p, args, rest):
               "--embed-precision", args.embed_precision, *rest]
     if args.embedder:
         passed += ["--embedder", args.embedder]
-    if args.force_unlock:
-        passed.append("--force-unlock")
+    if args.shared_fs:
+        passed.append("--shared-fs")
     if args.s3_endpoint_url:
         passed += ["--s3-endpoint-url", args.s3_endpoint_url]
     cfg, _ = prepare.parse_args(passed)
@@ -101,15 +105,33 @@ def _incremental_config(p, args, rest):
 
 def main(argv=None) -> dict:
     from workers.faces.weights import WeightsNotFound
+    from workers.dataset import require_dataset
+    from workers.faces.embedders import load_embedder
+    from workers.lease import take_lease
+    from workers.pipeline import check_prepare
     from workers.reprocess import run_incremental, run_reembed
     from workers.storage import StorageError
 
     cfg, args = parse_args(argv)
-    connect_ray(args.local_cpus)
-    try:
-        summary = run_incremental(cfg) if args.incremental else run_reembed(cfg)
+    root = cfg.output if args.incremental else cfg.root
+    opts = dict(cfg.storage_options)
+    try:  # everything that can fail fast, before Ray starts
+        if args.incremental:
+            checked = check_prepare(cfg)
+        else:
+            load_embedder(cfg.embedder)
+            require_dataset(root, opts)
+        lease = take_lease(root, cfg.run_id, "reprocess", opts)
     except (StorageError, ValueError, WeightsNotFound) as exc:
         fail(str(exc))
+    try:
+        connect_ray(args.local_cpus)
+        summary = (run_incremental(cfg, lease=lease, checked=checked) if args.incremental
+                   else run_reembed(cfg, lease=lease))
+    except (StorageError, ValueError, WeightsNotFound) as exc:
+        fail(str(exc))
+    finally:
+        lease.release()
     if args.incremental and not summary["nothing_to_do"]:
         from workers.pipeline import print_summary
 

@@ -1,10 +1,15 @@
-"""Arrow/Parquet schemas of every table facemill writes, with their column names and version.
+"""Arrow schemas of every table facemill writes, with their column names and version.
 
-Readers and writers import from here; nothing else spells a column name. Tables:
+Readers and writers import from here; nothing else spells a column name. On storage a dataset is Delta
+Lake tables (Parquet data files + a transaction log, :mod:`workers.dataset`):
 
-* ``images``: one row per input file, whatever happened to it (``status`` ok | no_face | error).
-* ``faces``: one row per detected face: box, landmarks, aligned crop, embedding.
-* ``embeddings``: one row per face and embedder, written by ``reprocess`` beside the original.
+* ``records`` (the Delta table of record): for every input file one *image row* (``face_index == -1``:
+  status ok | no_face | error, size, fingerprints) and one *face row* per detected face
+  (``face_index >= 0``: box, landmarks, aligned crop, embedding). One shard commit replaces all rows of
+  its images at once, so an image's status and its faces can never disagree.
+* ``images`` and ``faces`` are views of ``records`` (:data:`IMAGES_SCHEMA`, :func:`faces_schema`).
+* ``embeddings/<name>``: one row per face and embedder, written by ``reprocess`` beside the original;
+  a row counts while the face row it was made from (same image_id, face_index and shard) is current.
 
 Coordinates: boxes are ``x1 y1 x2 y2`` pixel edges of the original (EXIF-rotated) image; landmarks are
 ``x y`` pixel centres (OpenCV convention), in the order left eye, right eye, nose, left mouth, right mouth
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"      # 2: Delta Lake tables (1: Parquet files + commit markers)
 EMBEDDING_DIM = 128
 
 STATUS_OK = "ok"
@@ -31,13 +36,23 @@ ERR_TOO_LARGE = "too_large"
 ERR_TOO_SMALL = "too_small"
 ERR_DECODE = "decode_failed"
 ERR_PROCESS = "processing_failed"
+ERR_NOT_A_FILE = "not_a_file"            # a FIFO, device, socket or folder where a file was listed
+ERR_MISSING = "missing"                  # a manifest row whose file does not exist (yet)
+ERR_UNSUPPORTED = "unsupported_format"   # an image format facemill cannot decode (e.g. HEIC)
 ERROR_REASONS = (ERR_EMPTY, ERR_READ, ERR_NOT_IMAGE, ERR_TRUNCATED, ERR_TOO_LARGE, ERR_TOO_SMALL,
-                 ERR_DECODE, ERR_PROCESS)
+                 ERR_DECODE, ERR_PROCESS, ERR_NOT_A_FILE, ERR_MISSING, ERR_UNSUPPORTED)
+# Reasons a rerun retries even when neither the file nor the settings changed (the cause is outside the
+# file: storage down, a worker killed, a file not there yet). The others stay until the file or the
+# settings change, or the user asks (``--retry-errors``).
+TRANSIENT_ERRORS = (ERR_READ, ERR_PROCESS, ERR_MISSING)
 
-# Table names: sub-folders of an output dataset.
+# Table names. RECORDS and EMBEDDINGS/<name> are Delta tables (folders of a dataset root); IMAGES and
+# FACES are views of RECORDS.
+RECORDS = "records"
 IMAGES = "images"
 FACES = "faces"
 EMBEDDINGS = "embeddings"
+IMAGE_ROW = -1                           # face_index of an image row in RECORDS
 
 # Column names.
 IMAGE_ID = "image_id"
@@ -51,6 +66,7 @@ ERROR = "error"
 ERROR_DETAIL = "error_detail"
 NUM_FACES = "num_faces"
 FINGERPRINT = "fingerprint"
+SETTINGS = "settings"                    # digest of the settings that made a row (see PrepareConfig)
 RUN_ID = "run_id"
 FACE_INDEX = "face_index"
 BOX = "box"
@@ -80,6 +96,7 @@ IMAGES_SCHEMA = _with_meta([
     pa.field(ERROR_DETAIL, pa.string()),
     pa.field(NUM_FACES, pa.int32(), nullable=False),
     pa.field(FINGERPRINT, pa.string()),
+    pa.field(SETTINGS, pa.string(), nullable=False),
     pa.field(RUN_ID, pa.string(), nullable=False),
 ], IMAGES)
 
@@ -122,6 +139,32 @@ def embeddings_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
 
 
 EMBEDDINGS_SCHEMA = embeddings_schema()
+
+
+def records_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
+    """Schema of the ``records`` Delta table: the union of the images and faces columns.
+
+    Image rows (``face_index == IMAGE_ROW``) leave the face columns null; face rows leave width, height,
+    status, error, error_detail and num_faces null. Fixed-size lists are stored as Delta arrays.
+    """
+    faces = faces_schema(embedding_dim)
+    names = [IMAGE_ID, URI, IDENTITY, SHARD, FACE_INDEX, WIDTH, HEIGHT, STATUS, ERROR, ERROR_DETAIL, NUM_FACES,
+             FINGERPRINT, SETTINGS, RUN_ID, BOX, SCORE, LANDMARKS, CROP, EMBEDDING, EMBEDDER, EMBEDDER_VERSION]
+    keys = {IMAGE_ID, URI, SHARD, FACE_INDEX, SETTINGS, RUN_ID}
+    by_name = {f.name: f for f in (*IMAGES_SCHEMA, *faces)}
+    fields = []
+    for name in names:
+        f = by_name[name]
+        typ = pa.list_(f.type.value_type) if pa.types.is_fixed_size_list(f.type) else f.type
+        fields.append(pa.field(name, typ, nullable=name not in keys))
+    return _with_meta(fields, RECORDS)
+
+
+def stored_embeddings_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
+    """Schema of an ``embeddings/<name>`` Delta table on storage (fixed-size lists as arrays)."""
+    fields = [pa.field(f.name, pa.list_(f.type.value_type), f.nullable) if pa.types.is_fixed_size_list(f.type)
+              else f for f in embeddings_schema(embedding_dim)]
+    return _with_meta(fields, EMBEDDINGS)
 
 # Manifest inputs (CSV or Parquet): a uri column and an optional identity column.
 MANIFEST_URI = URI

@@ -474,15 +474,17 @@ def _ipc(table) -> bytes:
 
 
 def write_batch(output: str, shard: str, uris: list[str], images: list[np.ndarray], res, spec) -> None:
-    """Write one batch as a shard exactly as the pipeline's write task does (crops JPEG-encoded, Parquet)."""
-    from workers import records
+    """Write one batch as a shard exactly as the pipeline's write task does (crops JPEG-encoded, one Delta
+    commit)."""
+    from workers import dataset, records
     from workers.actors import write_shard
 
+    dataset.create_dataset(output, spec.embedding_dim)  # idempotent: a marker read once the table exists
     n = len(uris)
     images_t = records.images_table(
         shard=shard, uris=uris, identities=[None] * n, fingerprints=[None] * n,
         widths=np.array([im.shape[1] for im in images]), heights=np.array([im.shape[0] for im in images]),
-        errors=[None] * n, details=[None] * n, num_faces=res.num_faces, run_id="bench")
+        errors=[None] * n, details=[None] * n, num_faces=res.num_faces, settings="bench", run_id="bench")
     faces_t = records.faces_table(
         shard=shard, uris=uris, identities=[None] * n, image_index=res.image_index, boxes=res.boxes,
         scores=res.scores, landmarks=res.landmarks, crops=res.crops, embeddings=res.embeddings,
@@ -597,8 +599,8 @@ def _ray_inputs(work: Workload, tmp: Path) -> str:
 
 
 def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
-    import pyarrow.parquet as pq
-
+    import schemas as S
+    from workers import dataset
     from workers.faces.engine import EngineConfig
     from workers.pipeline import PrepareConfig, run_prepare
 
@@ -612,7 +614,7 @@ def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
     t0 = time.perf_counter()
     summary = run_prepare(cfg, log=lambda msg: log(f"    {msg}"))
     wall = time.perf_counter() - t0
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (output / "faces").glob("*.parquet"))
+    rows = dataset.read_table(str(output), S.FACES, columns=[S.SHARD]).num_rows
     return {"wall_s": round(wall, 3), "images": summary["images_in"], "faces": summary["faces"],
             "faces_rows_written": rows, "pipeline_wall_time_s": summary["wall_time_s"],
             "shard_size": cfg.shard_size, "actors": cfg.actors, "cpus_per_actor": cfg.cpus_per_actor}
@@ -657,7 +659,7 @@ def parse_args(argv=None):
     p.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="facemill's embedder precision (EngineConfig.embed_precision)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--ray", action="store_true", help="also run the Ray prepare pipeline (Parquet to a tmp dir)")
+    p.add_argument("--ray", action="store_true", help="also run the Ray prepare pipeline (a Delta dataset in a tmp dir)")
     p.add_argument("--ray-shard-size", type=int, default=32)
     p.add_argument("--ray-shards-per-call", type=int, default=1)
     p.add_argument("--ray-actors", type=int, default=0, help="face actors (0: one per GPU, or 1 on CPU)")

@@ -6,7 +6,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 import schemas as S
-from workers import storage
+from workers import dataset
 
 
 def _rel(uri: str) -> str:
@@ -14,8 +14,8 @@ def _rel(uri: str) -> str:
 
 
 def tables(root: str, options: dict | None = None):
-    images = storage.read_table(root, S.IMAGES, options).to_pandas()
-    faces = storage.read_table(root, S.FACES, options).to_pandas()
+    images = dataset.read_table(root, S.IMAGES, options).to_pandas()
+    faces = dataset.read_table(root, S.FACES, options).to_pandas()
     images["key"] = images[S.URI].map(_rel)
     faces["key"] = faces[S.URI].map(_rel)
     return (images.sort_values("key", ignore_index=True),
@@ -33,3 +33,16 @@ def assert_same_rows(a_root: str, b_root: str, a_opts: dict | None = None, b_opt
     assert np.allclose(np.stack(af[S.BOX]), np.stack(bf[S.BOX]), atol=0.05)
     assert np.allclose(np.stack(af[S.EMBEDDING]), np.stack(bf[S.EMBEDDING]), atol=1e-3)
     return len(ai)
+
+
+def committed_shards(root: str, options: dict | None = None) -> set[str]:
+    """Shards with rows in the dataset's current records (each shard is one Delta commit)."""
+    table = dataset.read_table(root, S.IMAGES, options, columns=[S.SHARD])
+    return set(table.column(S.SHARD).to_pylist())
+
+
+def commits(root) -> int:
+    """Commits in a local dataset's records log beyond its creation (cheap enough to poll)."""
+    from pathlib import Path
+
+    return max(0, len(list((Path(root) / S.RECORDS / "_delta_log").glob("*.json"))) - 1)

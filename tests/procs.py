@@ -48,3 +48,16 @@ def descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a Popen'd process and every process below it, then reap it."""
+    import os
+    import signal
+
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

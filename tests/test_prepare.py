@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,10 +15,11 @@ import pytest
 
 import schemas as S
 from tests.badfiles import make_bad_files
-from tests.compare import assert_same_rows
-from tests.procs import descendants
+from tests.compare import assert_same_rows, commits, committed_shards
+from tests.procs import kill_tree
 from tests.conftest import REPO, SAMPLE, copy_people, lfw_people, needs_lfw
-from workers import storage
+from workers import dataset
+from workers.lease import LEASE_FILE
 from workers.pipeline import PrepareConfig, run_prepare
 from workers.records import decode_crops
 
@@ -32,8 +32,8 @@ def _files(root: Path) -> list[Path]:
 
 def test_prepare_writes_every_image_and_face(prepared_lfw, lfw_subset):
     out, summary = prepared_lfw
-    images = storage.read_table(str(out), S.IMAGES)
-    faces = storage.read_table(str(out), S.FACES)
+    images = dataset.read_table(str(out), S.IMAGES)
+    faces = dataset.read_table(str(out), S.FACES)
     assert images.schema.equals(S.IMAGES_SCHEMA) and faces.schema.equals(S.FACES_SCHEMA)
     assert images.schema.metadata[b"facemill.schema_version"] == S.SCHEMA_VERSION.encode()
     files = _files(lfw_subset)
@@ -61,11 +61,13 @@ def test_prepare_writes_every_image_and_face(prepared_lfw, lfw_subset):
 def test_rerun_of_a_finished_run_does_nothing(prepared_lfw, lfw_subset, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(prepared_lfw[0], out)          # leave the shared fixture's output as it was
-    before = storage.committed(str(out))
+    before = committed_shards(str(out))
+    version = dataset.table_version(dataset.records_uri(str(out)))
     summary = run_prepare(PrepareConfig(input=str(lfw_subset), output=str(out), shard_size=64),
                           log=lambda *_: None)
     assert summary["images_in"] == 0 and summary["images_already_done"] == summary["images_listed"]
-    assert storage.committed(str(out)).keys() == before.keys()
+    assert committed_shards(str(out)) == before
+    assert dataset.table_version(dataset.records_uri(str(out))) == version == summary["table_version"]
 
 
 def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
@@ -75,7 +77,7 @@ def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
     (src / "notes.txt").write_text("not an image, skipped and counted")
     out = tmp_path / "out"
     summary = run_prepare(PrepareConfig(input=str(src), output=str(out), shard_size=5), log=lambda *_: None)
-    images = storage.read_table(str(out), S.IMAGES).to_pandas()
+    images = dataset.read_table(str(out), S.IMAGES).to_pandas()
     assert len(images) == len(expected) + 2 == summary["images_in"]
     assert summary["skipped_non_image_files"] == 1
     by_name = {Path(u).name: row for u, row in zip(images[S.URI], images.itertuples())}
@@ -122,7 +124,7 @@ def test_actor_pool_that_starves_decoding_is_refused(ray_session, tmp_path):
     greedy = PrepareConfig(input=str(src), output=str(out), cpus_per_actor=2)
     with pytest.raises(ValueError, match="leaving less than the 1 its read/decode tasks need"):
         run_prepare(greedy, log=lambda *_: None)
-    assert not (out / storage.LOCK).exists()
+    assert not (out / LEASE_FILE).exists()
     summary = run_prepare(PrepareConfig(input=str(src), output=str(out)), log=lambda *_: None)
     assert summary["images_in"] == len(list((src / "Colin_Powell").iterdir()))
 
@@ -141,32 +143,26 @@ def test_killed_run_resumes_to_the_same_rows_as_a_clean_run(ray_session, tmp_pat
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(list((out / storage.COMMITTED).glob("*.json"))) >= 2:
+        if commits(out) >= 2:
             break
         time.sleep(0.05)
     # the whole tree: Ray's local processes leave the driver's process group, and a write task left
     # running would commit one more shard after we count them
-    for pid in descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_tree(proc)
     # anything that escaped the tree (reparented to init) dies with its driver; let it settle
     stable_since, seen = time.time(), -1
     while time.time() - stable_since < 3:
-        n = len(list((out / storage.COMMITTED).glob("*.json")))
+        n = commits(out)
         if n != seen:
             stable_since, seen = time.time(), n
         time.sleep(0.2)
-    done = storage.committed(str(out))
+    done = committed_shards(str(out))
     assert 0 < len(done) < 8, f"kill landed after {len(done)} of 8 shards"
-    # only committed shards are visible, whatever else lies on disk
-    partial = storage.read_table(str(out), S.IMAGES)
-    assert partial.num_rows == sum(m["images"] for m in done.values())
-
-    summary = run_prepare(PrepareConfig(input=str(src), output=str(out), shard_size=4, force_unlock=True),
-                          log=lambda *_: None)
+    # only committed shards are visible, whatever else lies on disk: whole shards of 4 images
+    partial = dataset.read_table(str(out), S.IMAGES)
+    assert partial.num_rows == 4 * len(done)
+    # the dead driver's lease does not block the rerun (same host, its pid is gone): no --force-unlock
+    summary = run_prepare(PrepareConfig(input=str(src), output=str(out), shard_size=4), log=lambda *_: None)
     assert summary["images_already_done"] == partial.num_rows
     assert summary["images_in"] == 32 - partial.num_rows
     assert assert_same_rows(str(clean), str(out)) == 32

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import html
 import re
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 import schemas as S
-from workers import report, storage
+from workers import dataset, report, storage
 from workers.faces.align import AlignConfig
 
 DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
@@ -84,9 +84,9 @@ def test_fake_rows_page(tmp_path):
     assert re.search(rf"<code>{S.ERR_DECODE}</code></td><td class=n>{summary['errors_by_reason'][S.ERR_DECODE]}<",
                      page)
     assert f"<code>{S.ERR_TRUNCATED}</code>" in page
-    # Throughput + 2 histograms; the sample crops cannot be read (no faces files): a note, not a crash.
+    # Throughput + 2 histograms; the sample crops cannot be read (no dataset there): a note, not a crash.
     assert len(_images(page)) == 3
-    assert "could not be drawn" in page and "FileNotFoundError" in page
+    assert "could not be drawn" in page and "is not a facemill dataset" in page
 
 
 def test_empty_run_page(tmp_path):
@@ -196,12 +196,15 @@ def test_crop_landmarks_recovers_a_known_similarity():
 # A real prepare run (LFW; skipped without it)
 # --------------------------------------------------------------------------------------------------
 
-def _first_faces(out: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _first_faces(out: Path, uri: str | None = None, n: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first ``n`` faces of the dataset in (uri, face_index) order, or the faces of one ``uri``."""
+    import pyarrow.compute as pc
+
     from workers.records import decode_crops
 
-    markers = storage.committed(str(out))
-    shard = min((m["committed_at"], s) for s, m in markers.items() if m["faces"])[1]
-    table = pq.read_table(out / S.FACES / f"{shard}.parquet", columns=[S.URI, S.LANDMARKS, S.CROP])
+    table = dataset.read_table(str(out), S.FACES, columns=[S.URI, S.FACE_INDEX, S.LANDMARKS, S.CROP],
+                               filter=None if uri is None else pc.field(S.URI) == uri)
+    table = table.sort_by([(S.URI, "ascending"), (S.FACE_INDEX, "ascending")]).slice(0, n)
     landmarks = table.column(S.LANDMARKS).combine_chunks().flatten().to_numpy().reshape(-1, 5, 2)
     return landmarks, decode_crops(table.column(S.CROP)), table.column(S.URI).to_pylist()
 
@@ -224,12 +227,13 @@ def test_real_prepare_report(prepared_lfw):
     assert page.count("<figure>") == report.NUM_SAMPLES
     assert page.count("<circle class=l ") == page.count("<circle class=t ") == 5 * report.NUM_SAMPLES
     assert len(page) < 1_500_000, len(page)
-    # The dots drawn are the landmarks mapped into the crop (first sample = first face of the first shard).
-    landmarks, crops_stored, _ = _first_faces(out)
+    # The dots drawn are the landmarks mapped into the crop: the first sample's are one of its image's faces.
+    first_uri = html.unescape(re.search(r"<img alt='face 0' title='([^']+)'", page).group(1))
+    landmarks, crops_stored, _ = _first_faces(out, uri=first_uri)
     points = AlignConfig(size=112).points().numpy().astype(np.float64)
-    mapped, _ = report.crop_landmarks(landmarks[:1], points)
-    drawn = re.findall(r"<circle class=l cx='([-\d.]+)' cy='([-\d.]+)'", page)[:5]
-    np.testing.assert_allclose(np.array(drawn, float), mapped[0], atol=0.01)
+    mapped, _ = report.crop_landmarks(landmarks, points)
+    drawn = np.array(re.findall(r"<circle class=l cx='([-\d.]+)' cy='([-\d.]+)'", page)[:5], float)
+    assert np.abs(mapped - drawn[None]).max(axis=(1, 2)).min() < 0.01
 
 
 @pytest.mark.slow

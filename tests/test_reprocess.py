@@ -8,10 +8,12 @@ import time
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import schemas as S
-from workers import records, storage
+from workers import dataset, records, storage
+from workers.lease import LEASE_FILE, take_lease
 from workers.reprocess import EmbedActor, EmbedActorConfig, ReembedConfig, read_crops, run_reembed
 
 # Stored crops are JPEG (quality 95) while the stored embeddings came from the raw crops, so re-embedding
@@ -47,17 +49,15 @@ def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
     from workers.faces.embedders import load_embedder
 
     root, _ = prepared_lfw
-    markers = storage.committed(str(root))
-    shards = sorted(markers)[:2]
-    rows = [read_crops({"shard": s, "faces_committed_at": markers[s]["committed_at"]}, root=str(root),
-                       storage_options=None) for s in shards]
+    shards = sorted(dataset.face_shards(str(root)).index)[:2]
+    rows = [read_crops({"shard": s}, root=str(root), storage_options=None) for s in shards]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     out = EmbedActor(EmbedActorConfig(run_id="t"))(batch)
     embedder = load_embedder("sface")
     for i, s in enumerate(shards):
         table = records.table_from_ipc(out["table_ipc"][i])
         assert table.schema.equals(S.embeddings_schema())
-        faces = storage.read_table(str(root), S.FACES, markers={s: markers[s]})
+        faces = dataset.read_shard_faces(str(root), s, [S.FACE_INDEX, S.CROP])
         want = embedder.embed(records.decode_crops(faces.column(S.CROP)))
         np.testing.assert_allclose(_vectors(table), want, atol=1e-5)
         assert table.column(S.FACE_INDEX).to_pylist() == faces.column(S.FACE_INDEX).to_pylist()
@@ -71,10 +71,10 @@ def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
 
 def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepared_copy):
     root = str(prepared_copy)
-    faces = storage.read_table(root, S.FACES)
+    faces = dataset.read_table(root, S.FACES)
     summary = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1, run_id="re-1"), log=print)
     assert summary["faces"] == faces.num_rows and summary["shards_skipped"] == 0 and not summary["nothing_to_do"]
-    emb = storage.read_embeddings(root, "sface")
+    emb = dataset.read_embeddings(root, "sface")
     assert emb.schema.equals(S.embeddings_schema())
     assert emb.num_rows == faces.num_rows
     assert set(emb.column(S.RUN_ID).to_pylist()) == {"re-1"}
@@ -88,7 +88,7 @@ def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepa
 
     again = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1), log=print)
     assert again["nothing_to_do"] and again["shards_done"] == 0
-    assert storage.read_embeddings(root, "sface").column(S.RUN_ID).unique().to_pylist() == ["re-1"]
+    assert dataset.read_embeddings(root, "sface").column(S.RUN_ID).unique().to_pylist() == ["re-1"]
 
     # The evaluation on the re-embedded table agrees with the one on the faces table's own vectors.
     from workers.evaluation import evaluate as E
@@ -116,8 +116,8 @@ def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path)
 
     summary = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
     assert summary["embedder"] == "sface-perturbed" and summary["table"] == "embeddings/sface-perturbed"
-    emb = storage.read_embeddings(root, "sface-perturbed")
-    faces = storage.read_table(root, S.FACES)
+    emb = dataset.read_embeddings(root, "sface-perturbed")
+    faces = dataset.read_table(root, S.FACES)
     assert emb.num_rows == faces.num_rows
     assert set(emb.column(S.EMBEDDER).to_pylist()) == {"sface-perturbed"}
     assert set(emb.column(S.EMBEDDER_VERSION).to_pylist()) == {"test-perturbed-1"}
@@ -127,44 +127,46 @@ def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path)
     cos = np.sum(vec[order] * _vectors(faces), 1)
     print(f"perturbed vs stored: cosine mean {cos.mean():.4f}")
     assert cos.mean() < 0.95  # clearly another model than the stored one
-    marker = next(iter(storage.committed(storage.embeddings_root(root, "sface-perturbed")).values()))
-    assert marker["embedder_version"] == "test-perturbed-1" and marker["embedder_source"] == str(model_dir)
-    assert "sface-perturbed" in storage.list_embeddings(root)
+    assert summary["embedder_source"] == str(model_dir)
+    record = storage.read_json(storage.join(root, storage.RUNS, f"{summary['run_id']}.json"))
+    assert record["config"]["embedder"] == str(model_dir) and record["table_version"] == summary["table_version"]
+    assert "sface-perturbed" in dataset.list_embeddings(root)
 
     # Same name, new version: every shard is redone; same version again: nothing.
     save_embedder(module, dataclasses.replace(spec, version="test-perturbed-2"), model_dir)
     again = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
     assert again["shards_done"] == summary["shards_done"] and again["shards_skipped"] == 0
-    assert set(storage.read_embeddings(root, "sface-perturbed").column(S.EMBEDDER_VERSION).to_pylist()) == {
+    assert set(dataset.read_embeddings(root, "sface-perturbed").column(S.EMBEDDER_VERSION).to_pylist()) == {
         "test-perturbed-2"}
     assert run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)["nothing_to_do"]
 
 
-def test_reembed_respects_the_run_lock(prepared_copy):
+def test_reembed_respects_the_run_lease(prepared_copy):
     root = str(prepared_copy)
-    storage.acquire_lock(root, "someone-else")
-    try:
-        with pytest.raises(storage.StorageError, match="locked by run 'someone-else'"):
+    with take_lease(root, "someone-else", "prepare"):
+        with pytest.raises(storage.StorageError, match="in use by run 'someone-else'"):
             run_reembed(ReembedConfig(root=root, embedder="sface"), log=print)
-    finally:
-        storage.release_lock(root, "someone-else")
-    assert not storage.committed(storage.embeddings_root(root, "sface"))
+    assert "sface" not in dataset.list_embeddings(root)
 
 
-def test_embeddings_of_a_recommitted_faces_shard_are_stale(prepared_copy):
-    """An embeddings shard counts only while its faces shard keeps the committed_at it was made from."""
+def test_embeddings_of_replaced_faces_are_not_served(prepared_copy):
+    """An embeddings row counts only while the face row it was made from (image_id, face_index, shard) is
+    current: rows made from a shard that no longer holds those faces are left out."""
+    from workers.reprocess import embeddings_table
+
     root = str(prepared_copy)
-    shard = sorted(storage.committed(root))[0]
-    table = S.EMBEDDINGS_SCHEMA.empty_table()
-    storage.commit_embeddings(root, "x", shard, table, {"embedder": "e", "embedder_version": "1",
-                                                        "faces_committed_at": -1.0})
-    assert storage.current_embeddings(root, "x") == {}
-    markers = storage.committed(root)
-    storage.commit_embeddings(root, "x", shard, table, {"embedder": "e", "embedder_version": "1",
-                                                        "faces_committed_at": markers[shard]["committed_at"]})
-    assert list(storage.current_embeddings(root, "x")) == [shard]
+    shard = sorted(dataset.face_shards(root).index)[0]
+    meta = dataset.read_shard_faces(root, shard, [S.IMAGE_ID, S.URI, S.IDENTITY, S.SHARD, S.FACE_INDEX])
+    vectors = np.eye(meta.num_rows, S.EMBEDDING_DIM, dtype=np.float32)
+    dataset.commit_embeddings(root, "x", shard, embeddings_table(meta, vectors, "e", "1", "t"))
+    assert dataset.read_embeddings(root, "x").num_rows == meta.num_rows
+    gone = meta.set_column(meta.schema.get_field_index(S.SHARD), S.SHARD,
+                           pa.array(["part-replaced"] * meta.num_rows))
+    dataset.commit_embeddings(root, "y", "part-replaced", embeddings_table(gone, vectors, "e", "1", "t"))
+    assert dataset.read_embeddings(root, "y").num_rows == 0
+    assert sorted(dataset.list_embeddings(root)) == ["x", "y"]
     with pytest.raises(ValueError, match="one plain path component"):
-        storage.embeddings_root(root, "../x")
+        dataset.embeddings_uri(root, "../x")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,15 +197,15 @@ def test_incremental_processes_only_new_and_changed_files(ray_session, lfw_dir, 
                        "--submission-id", "sub-2"])
     assert second["images_in"] == 4 and second["images_already_done"] == 5 and not second["nothing_to_do"]
 
-    images = storage.read_table(str(out), S.IMAGES).to_pandas()
+    images = dataset.read_table(str(out), S.IMAGES).to_pandas()
     assert len(images) == 9 and images[S.URI].is_unique
     assert set(images.loc[images[S.RUN_ID] == "sub-2", S.URI]) == {
         str(changed), *(str(p) for p in (src / people[2]).glob("*.jpg"))}
-    faces = storage.read_table(str(out), S.FACES).to_pandas()
+    faces = dataset.read_table(str(out), S.FACES).to_pandas()
     assert faces.loc[faces[S.URI] == str(changed), S.RUN_ID].eq("sub-2").all()
 
     capsys.readouterr()
     third = job.main(["--incremental", "--input", str(src), "--output", str(out), "--submission-id", "sub-3"])
     assert third["nothing_to_do"] and third["images_in"] == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert not (out / storage.LOCK).exists()  # the lock was released each time
+    assert not (out / LEASE_FILE).exists()  # the lease was released each time

@@ -7,7 +7,7 @@ import pytest
 import schemas as S
 from tests.conftest import SAMPLE, copy_people, lfw_people, needs_lfw
 from tests.s3util import MotoS3
-from workers import storage
+from workers import dataset, inputs, storage
 from workers.pipeline import PrepareConfig, run_prepare
 
 
@@ -30,8 +30,8 @@ def test_prepare_s3_to_s3(ray_session, s3, tmp_path):
     summary = run_prepare(PrepareConfig(input="s3://raw/lfw/", output="s3://faces/run1", shard_size=5,
                                         storage_options=opts), log=lambda *_: None)
     assert summary["images_in"] == n and summary["images_with_faces"] == n
-    images = storage.read_table("s3://faces/run1", S.IMAGES, s3.options)
-    faces = storage.read_table("s3://faces/run1", S.FACES, s3.options)
+    images = dataset.read_table("s3://faces/run1", S.IMAGES, s3.options)
+    faces = dataset.read_table("s3://faces/run1", S.FACES, s3.options)
     assert images.schema.equals(S.IMAGES_SCHEMA) and faces.schema.equals(S.FACES_SCHEMA)
     assert images.num_rows == n and faces.num_rows == summary["faces"] >= n
     uris = images.column(S.URI).to_pylist()
@@ -39,7 +39,7 @@ def test_prepare_s3_to_s3(ray_session, s3, tmp_path):
     assert images.column(S.IDENTITY).to_pylist() == [u.split("/")[-2] for u in uris]
     assert all(fp and not fp.startswith("None") for fp in images.column(S.FINGERPRINT).to_pylist())
     fs = s3.fs()
-    assert fs.exists("faces/run1/summary.json") and not fs.exists("faces/run1/_lock.json")
+    assert fs.exists("faces/run1/summary.json") and not fs.exists("faces/run1/_lease.json")
     # rerun: nothing to do
     again = run_prepare(PrepareConfig(input="s3://raw/lfw/", output="s3://faces/run1", shard_size=5,
                                       storage_options=opts), log=lambda *_: None)
@@ -51,14 +51,14 @@ def test_manifest_on_s3_and_missing_bucket(ray_session, s3):
     rows = [{"uri": p.relative_to(SAMPLE).as_posix(), "identity": f"person-{p.parent.name[:3]}"}
             for p in sorted(SAMPLE.glob("*/*.jpg"))]
     s3.fs().pipe_file("raw/sample/manifest.csv", pd.DataFrame(rows).to_csv(index=False).encode())
-    inputs, _ = storage.list_inputs("s3://raw/sample/manifest.csv", s3.options)
-    assert len(inputs) == 8 and inputs[S.URI].str.startswith("s3://raw/sample/").all()
+    listed, _ = inputs.list_inputs("s3://raw/sample/manifest.csv", s3.options)
+    assert len(listed) == 8 and listed[S.URI].str.startswith("s3://raw/sample/").all()
     summary = run_prepare(PrepareConfig(input="s3://raw/sample/manifest.csv", output="s3://faces/manifest",
                                         storage_options=tuple(s3.options.items())), log=lambda *_: None)
     assert summary["images_in"] == 8
-    idents = set(storage.read_table("s3://faces/manifest", S.IMAGES, s3.options).column(S.IDENTITY).to_pylist())
+    idents = set(dataset.read_table("s3://faces/manifest", S.IMAGES, s3.options).column(S.IDENTITY).to_pylist())
     assert idents == {r["identity"] for r in rows}
     with pytest.raises(storage.StorageError, match="not writable"):
         storage.check_writable("s3://no-such-bucket/out", s3.options)
     with pytest.raises(storage.StorageError, match="does not exist"):
-        storage.list_inputs("s3://raw/absent/", s3.options)
+        inputs.list_inputs("s3://raw/absent/", s3.options)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import schemas as S
-from workers.storage import read_table
+from workers.dataset import read_table
 from workers.training.data import DataConfig, load_faces, plan_split, read_face_index, split_faces
 from workers.training.loop import (
     CHECKPOINT_FILE, CURVES_FILE, EMBEDDER_DIR, HELDOUT_FILE, METRICS_FILE, RAY_DIR, RAY_RUN_NAME, RUN_FILE,

@@ -16,7 +16,7 @@ import pytest
 import schemas as S
 from tests.conftest import REPO
 from tests.s3util import free_port
-from workers import storage
+from workers import dataset
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_ray_start_job_submit_stop(tmp_path):
         assert job.returncode == 0, log
         assert "succeeded" in job.stdout, log
         assert "8 images in" in job.stdout, log
-        images = storage.read_table(str(out), S.IMAGES)
+        images = dataset.read_table(str(out), S.IMAGES)
         assert images.num_rows == 8 and set(images.column(S.STATUS).to_pylist()) == {"ok"}
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

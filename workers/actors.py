@@ -7,7 +7,6 @@ returns each shard's tables; ``write_shard`` (CPU task) JPEG-encodes the crops a
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -15,10 +14,9 @@ import time
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 
 import schemas as S
-from workers import records, storage
+from workers import dataset, inputs, records
 from workers.decode import DecodeConfig, decode_image
 
 log = logging.getLogger(__name__)
@@ -37,11 +35,11 @@ def decode_shard(row: dict, *, storage_options: dict | None, decode: DecodeConfi
         images concatenated in order (image i is heights[i] * widths[i] * 3 bytes; failed files add none).
     """
     uris = list(row["uris"])
-    blobs = storage.read_many(uris, storage_options)
+    blobs = inputs.read_many(uris, storage_options)
     heights, widths, errors, details, parts = [], [], [], [], []
     for blob in blobs:  # per file by nature: each is its own compressed stream
         if isinstance(blob, Exception):
-            res_img, err, detail = None, S.ERR_READ, f"{type(blob).__name__}: {blob}"[:300]
+            res_img, err, detail = None, inputs.error_reason(blob), f"{type(blob).__name__}: {blob}"[:300]
         else:
             res = decode_image(blob, decode)
             res_img, err, detail = res.image, res.error, res.detail
@@ -75,6 +73,7 @@ class ActorConfig:
         embedder: registry name or exported directory.
         device: "auto" (CUDA if the actor has a GPU), "cuda" or "cpu".
         run_id: recorded in every row.
+        settings: digest of the run's settings, recorded in every row.
         max_pixels_per_pass: images of a call are processed in passes of at most this many pixels.
         torch_threads: intra-op threads on CPU (0: leave torch's default).
     """
@@ -83,6 +82,7 @@ class ActorConfig:
     embedder: str = "sface"
     device: str = "auto"
     run_id: str = ""
+    settings: str = ""
     max_pixels_per_pass: int = 16 * 1000 * 1000
     torch_threads: int = 0
 
@@ -183,7 +183,7 @@ class FaceActor:
         images = records.images_table(
             shard=batch["shard"][i], uris=uris, identities=identities,
             fingerprints=list(batch["fingerprints"][i]), widths=widths, heights=heights, errors=errors,
-            details=details, num_faces=num_faces, run_id=self.config.run_id)
+            details=details, num_faces=num_faces, settings=self.config.settings, run_id=self.config.run_id)
         faces = records.faces_table(
             shard=batch["shard"][i], uris=uris, identities=identities,
             image_index=decoded[res.image_index[sel] - lo], boxes=res.boxes[sel], scores=res.scores[sel],
@@ -211,15 +211,15 @@ def _merge_results(parts, n_images, cls, dim, size):
 
 def write_shard(row: dict, *, output: str, storage_options: dict | None, crop_size: int,
                 crop_quality: int) -> dict:
-    """Encode crops and commit one shard; returns the shard's summary row."""
+    """Encode crops and commit one shard (one Delta transaction replacing every row of its images);
+    returns the shard's summary row."""
     images = records.table_from_ipc(row["images_ipc"])
     faces = records.table_from_ipc(row["faces_ipc"])
     crops = records.encode_crops(faces.column(S.CROP).combine_chunks(), crop_size, crop_quality)
     faces = faces.set_column(faces.schema.get_field_index(S.CROP), faces.schema.field(S.CROP), crops)
     status = Counter(images.column(S.STATUS).to_pylist())
     reasons = Counter(e for e in images.column(S.ERROR).to_pylist() if e)
-    marker = {"images": images.num_rows, "faces": faces.num_rows, "status": dict(status)}
-    storage.commit_shard(output, row["shard"], {S.IMAGES: images, S.FACES: faces}, marker, storage_options)
+    dataset.commit_records(output, records.records_table(images, faces), storage_options)
     boxes = faces.column(S.BOX).combine_chunks().flatten().to_numpy().reshape(-1, 4)
     return {
         "shard": row["shard"], "images": images.num_rows, "faces": faces.num_rows,

@@ -1,9 +1,11 @@
 """The prepare graph on Ray Data: list -> shard -> decode (CPU tasks) -> faces (actor pool) -> commit (CPU tasks).
 
-Shards are deterministic: the files still to do (not yet committed, or changed since) are sorted by uri and
-cut into groups of ``shard_size``; a shard's key is a digest of its members, so rerunning the same command
-recomputes exactly the shards that did not commit. Nothing but one small summary row per shard ever comes
-back to the driver.
+What to do comes from the dataset's current rows (:func:`files_to_do`): a file is done when its image row
+has the same input fingerprint and was made with the same settings, unless it recorded a transient error
+(``schemas.TRANSIENT_ERRORS``) or the run asks to retry errors. The files to do are sorted by uri and cut
+into shards of ``shard_size``; each shard commits in one Delta transaction (:mod:`workers.dataset`), so a
+killed run leaves whole shards or nothing, and the rerun does exactly the rest. Nothing but one small
+summary row per shard ever comes back to the driver.
 
 Ray Data fuses decode into the face actor when their resource requests are equal (CPU-only runs, where
 it saves a copy); with GPUs the actor asks for ``num_gpus`` and decode runs in separate CPU tasks.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
+import re
 import sys
 import time
 import uuid
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 import schemas as S
-from workers import storage
+from workers import dataset, inputs, storage
 from workers.actors import ActorConfig, FaceActor, decode_shard, write_shard
 from workers.decode import DecodeConfig
 from workers.faces.engine import EngineConfig
@@ -48,9 +50,10 @@ class PrepareConfig:
         device: "auto", "cuda" or "cpu" for the actors.
         crop_quality: JPEG quality of stored crops.
         storage_options: fsspec options for input and output (e.g. endpoint_url).
-        run_id: recorded in every row ("" = generated).
-        force_unlock: take the output's lock even if another run seems to hold it.
+        run_id: recorded in every row ("" = generated): letters, digits, ``.``, ``_``, ``-``.
         torch_threads: intra-op threads per actor (0: see :func:`actor_threads`).
+        retry_errors: reprocess every error row, not only transient ones (``schemas.TRANSIENT_ERRORS``).
+        shared_fs: local --input/--output paths are on a filesystem every Ray node sees (a shared mount).
     """
 
     input: str
@@ -67,29 +70,80 @@ class PrepareConfig:
     crop_quality: int = 95
     storage_options: tuple[tuple[str, str], ...] = ()
     run_id: str = ""
-    force_unlock: bool = False
     torch_threads: int = 0
+    retry_errors: bool = False
+    shared_fs: bool = False
 
     def __post_init__(self):
+        check_pool_settings(self.actors, self.gpus_per_actor, self.cpus_per_actor, self.torch_threads,
+                            self.shards_per_call, self.device)
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.shards_per_call < 1:
-            raise ValueError(f"shards_per_call must be >= 1, got {self.shards_per_call}")
-        if not 0 < self.gpus_per_actor <= 8:
-            raise ValueError(f"gpus_per_actor must be in (0, 8], got {self.gpus_per_actor}")
+        if not 1 <= self.crop_quality <= 100:
+            raise ValueError(f"crop_quality must be in [1, 100], got {self.crop_quality}")
+        check_run_id(self.run_id)
+        from workers.faces.embedders import check_precision
+
+        check_precision(self.engine.embed_precision, None if self.device == "auto" else self.device)
+
+
+def check_pool_settings(actors: int, gpus_per_actor: float, cpus_per_actor: float, torch_threads: int,
+                        shards_per_call: int, device: str) -> None:
+    """Validate the actor-pool settings shared by every stage.
+
+    Raises:
+        ValueError: naming the first bad value.
+    """
+    if actors < 0:
+        raise ValueError(f"actors must be >= 0 (0: one per GPU, or 1 on CPU), got {actors}")
+    if not 0 < gpus_per_actor <= 8:
+        raise ValueError(f"gpus_per_actor must be in (0, 8], got {gpus_per_actor}")
+    if not 0 < cpus_per_actor <= 256:
+        raise ValueError(f"cpus_per_actor must be in (0, 256], got {cpus_per_actor}")
+    if torch_threads < 0:
+        raise ValueError(f"torch_threads must be >= 0 (0: automatic), got {torch_threads}")
+    if shards_per_call < 1:
+        raise ValueError(f"shards_per_call must be >= 1, got {shards_per_call}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+
+
+def check_run_id(run_id: str) -> None:
+    """Run ids name files under ``<root>/_runs/``: one plain name, never a path.
+
+    Raises:
+        ValueError: the id holds anything but letters, digits, ``.``, ``_``, ``-`` (or is too long).
+    """
+    if run_id and not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run_id must be 1-80 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                         f"got {run_id!r}")
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_shards(todo: pd.DataFrame, shard_size: int) -> list[dict]:
-    """Cut the sorted files to do into shard rows keyed by a digest of their uris and fingerprints."""
+def settings_digest(cfg: "PrepareConfig", embedder_name: str, embedder_version: str) -> str:
+    """Digest of everything that shapes a prepare row: detection, alignment, embedding precision, decode
+    limits, crop quality and the embedder (name and version). A rerun with other settings redoes the rows
+    made with the old ones."""
+    shaping = {"engine": dataclasses.asdict(cfg.engine), "decode": dataclasses.asdict(cfg.decode),
+               "crop_quality": cfg.crop_quality, "embedder": [embedder_name, embedder_version],
+               "schema": S.SCHEMA_VERSION}
+    return hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_shards(todo: pd.DataFrame, shard_size: int, salt: str = "") -> list[dict]:
+    """Cut the sorted files to do into shard rows, keyed by a digest of their uris, fingerprints and
+    ``salt`` (the run id and settings: a shard key is never reused by another run)."""
     todo = todo.sort_values(S.URI, ignore_index=True)
     shards = []
     for start in range(0, len(todo), shard_size):
         part = todo.iloc[start:start + shard_size]
-        members = [f"{u}|{'' if pd.isna(f) else f}" for u, f in zip(part[S.URI], part[S.FINGERPRINT])]
+        members = [salt] + [f"{u}|{'' if pd.isna(f) else f}" for u, f in zip(part[S.URI], part[S.FINGERPRINT])]
         key = hashlib.sha1("\n".join(members).encode()).hexdigest()[:20]
         shards.append({
             "shard": f"part-{key}", "uris": part[S.URI].tolist(),
@@ -99,26 +153,62 @@ def plan_shards(todo: pd.DataFrame, shard_size: int) -> list[dict]:
     return shards
 
 
-def files_to_do(inputs: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
-    """Inputs not yet in the output, or whose fingerprint changed since they were processed."""
+def files_to_do(listed: pd.DataFrame, done: pd.DataFrame, settings: str, retry_errors: bool = False) -> pd.DataFrame:
+    """The listed files whose current row does not answer for them.
+
+    A file is done when its image row has the same (known) input fingerprint and the same settings
+    digest, and is not an error to retry: transient reasons (``schemas.TRANSIENT_ERRORS``) always are,
+    the others with ``retry_errors``.
+
+    Args:
+        listed: uri, fingerprint (and more) per input file.
+        done: the dataset's image rows: uri, fingerprint, settings, status, error.
+        settings: this run's :func:`settings_digest`.
+        retry_errors: redo every error row.
+    """
     if done.empty:
-        return inputs
-    merged = inputs.merge(done[[S.URI, S.FINGERPRINT]].rename(columns={S.FINGERPRINT: "_old"}), on=S.URI,
-                          how="left", indicator=True)
-    new = merged["_merge"] == "left_only"
-    changed = (~new) & merged[S.FINGERPRINT].notna() & merged["_old"].notna() & (
-        merged[S.FINGERPRINT] != merged["_old"])
-    return inputs[(new | changed).to_numpy()].reset_index(drop=True)
+        return listed
+    old = done[[S.URI, S.FINGERPRINT, S.SETTINGS, S.STATUS, S.ERROR]].rename(
+        columns={S.FINGERPRINT: "_fp", S.SETTINGS: "_settings", S.STATUS: "_status", S.ERROR: "_error"})
+    m = listed.merge(old, on=S.URI, how="left")
+    same = (m[S.FINGERPRINT].notna() & m["_fp"].notna() & (m[S.FINGERPRINT] == m["_fp"])
+            & (m["_settings"] == settings))
+    error = m["_status"] == S.STATUS_ERROR
+    retry = error & (m["_error"].isin(S.TRANSIENT_ERRORS) | retry_errors)
+    return listed[(~same | retry).to_numpy()].reset_index(drop=True)
 
 
-def _face_resources(cfg: PrepareConfig) -> tuple[int, float]:
+def actor_resources(actors: int, gpus_per_actor: float, device: str) -> tuple[int, float]:
+    """(actors, GPUs per actor) on the connected cluster: one actor per GPU share where it has GPUs and the
+    device allows them, else ``actors`` (default 1) CPU actors."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
+    gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
     if gpus:
-        actors = cfg.actors or max(1, int(gpus // cfg.gpus_per_actor))
-        return actors, cfg.gpus_per_actor
-    return cfg.actors or 1, 0.0
+        return actors or max(1, int(gpus // gpus_per_actor)), gpus_per_actor
+    return actors or 1, 0.0
+
+
+def check_cluster(paths: list[str], device: str, precision: str, shared_fs: bool) -> None:
+    """What only the connected Ray cluster can tell, checked before any work.
+
+    Raises:
+        ValueError: ``--device cuda`` or float16 on a cluster without GPUs; local paths on a cluster of
+            several nodes (the other nodes would not see them) without ``shared_fs``.
+    """
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise ValueError("--device cuda, but the Ray cluster has no GPU; use --device auto or cpu")
+    if precision == "float16" and (device == "cpu" or not gpus):
+        raise ValueError("--embed-precision float16 needs CUDA and the Ray cluster has no GPU; use float32 "
+                         "or bfloat16")
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    local = [p for p in paths if p and not storage.is_remote(p)]
+    if nodes > 1 and local and not shared_fs:
+        raise ValueError(f"the Ray cluster has {nodes} nodes, but {local[0]!r} is a local path the other nodes "
+                         f"may not see; use s3:// (or a shared mount, and pass --shared-fs)")
 
 
 def alive_node_cpus() -> list[float]:
@@ -202,73 +292,99 @@ def plan_actor_pool(actors: int, cpus_per_actor: float, gpus_per_actor: float, f
     return threads, write_task_cpus(actors * cpus_per_actor, feeding_cpus, cluster_cpus)
 
 
-def check_prepare(cfg: PrepareConfig) -> tuple[pd.DataFrame, list[str]]:
-    """Everything that can fail before any work: the embedder, the input listing, the output's writability.
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What :func:`check_prepare` found: the listing and the embedder that will run."""
 
-    Returns:
-        (inputs, skipped) from :func:`workers.storage.list_inputs`.
+    inputs: pd.DataFrame
+    skipped: dict
+    embedder_name: str
+    embedder_version: str
+    embedding_dim: int
+
+
+def check_prepare(cfg: PrepareConfig) -> Checked:
+    """Everything that can fail before any work: the embedder, the output (a new or empty folder, or a
+    facemill dataset; writable), and the input listing.
 
     Raises:
-        storage.StorageError: input missing/empty, output not writable.
+        storage.StorageError: input missing/empty/bad manifest, output foreign or not writable.
         ValueError: unknown embedder.
         WeightsNotFound: a registry model's package is missing.
     """
     from workers.faces.embedders import load_embedder
 
     opts = dict(cfg.storage_options)
-    load_embedder(cfg.embedder)
-    inputs, skipped = storage.list_inputs(cfg.input, opts)
+    spec = load_embedder(cfg.embedder).spec
+    dataset.check_output(cfg.output, opts)
+    listed, skipped = inputs.list_inputs(cfg.input, opts)
     storage.check_writable(cfg.output, opts)
-    return inputs, skipped
+    return Checked(listed, skipped, spec.name, spec.version, spec.embedding_dim)
 
 
-def run_prepare(cfg: PrepareConfig, log=print, checked: tuple[pd.DataFrame, list[str]] | None = None) -> dict:
+def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, lease=None) -> dict:
     """Run prepare on the connected Ray cluster; returns (and writes) the run summary.
 
     Args:
-        cfg: the run.
+        cfg: the run (``cfg.run_id`` is generated when empty).
         log: progress lines go here.
         checked: the result of :func:`check_prepare`, if the caller already ran it.
+        lease: the output's run lease (:func:`workers.lease.take_lease`) if the caller took it (jobs take it
+            before Ray starts); else it is taken and released here.
 
     Raises:
-        storage.StorageError: input missing/empty, output not writable, output locked.
-        ValueError: unknown embedder.
+        storage.StorageError: input missing/empty, output foreign, not writable, or in use by another run.
+        ValueError: unknown embedder; a setting the cluster cannot run.
     """
+    from workers.lease import take_lease
+
     t0 = time.time()
     opts = dict(cfg.storage_options)
-    run_id = cfg.run_id or new_run_id()
-    inputs, skipped = checked if checked is not None else check_prepare(cfg)
-    storage.acquire_lock(cfg.output, run_id, opts, force=cfg.force_unlock)
+    if not cfg.run_id:
+        cfg = dataclasses.replace(cfg, run_id=new_run_id())
+    run_id = cfg.run_id
+    checked = checked if checked is not None else check_prepare(cfg)
+    own = lease is None
+    lease = take_lease(cfg.output, run_id, "prepare", opts) if own else lease
     try:
-        markers = storage.committed(cfg.output, opts)
-        removed = storage.remove_uncommitted(cfg.output, [S.IMAGES, S.FACES], markers, opts)
-        done = storage.read_table(cfg.output, S.IMAGES, opts, columns=[S.URI, S.FINGERPRINT], markers=markers)
-        todo = files_to_do(inputs, done.to_pandas())
-        shards = plan_shards(todo, cfg.shard_size)
-        log(f"facemill prepare {run_id}: {len(inputs)} images listed, {len(inputs) - len(todo)} already done, "
-            f"{len(todo)} to do in {len(shards)} shards" + (f"; removed {removed} partial files" if removed else ""))
-        if not shards:
-            log(f"facemill prepare {run_id}: nothing to do, all {len(inputs)} images are already in {cfg.output}")
-        rows = _run_graph(cfg, shards, run_id, opts, log) if shards else []
-        summary = _summarise(cfg, run_id, rows, len(inputs), len(inputs) - len(todo), skipped, t0)
-        storage.put_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode(), opts)
-        storage.put_atomic(storage.join(cfg.output, storage.RUNS, f"{run_id}.json"),
-                           json.dumps({**summary, "config": _config_dict(cfg)}, indent=2).encode(), opts)
-        write_prepare_report(cfg.output, summary, rows, opts)  # never raises: a report is not worth a run
+        check_cluster([cfg.input, cfg.output], cfg.device, cfg.engine.embed_precision, cfg.shared_fs)
+        dataset.create_dataset(cfg.output, checked.embedding_dim, opts)
+        settings = settings_digest(cfg, checked.embedder_name, checked.embedder_version)
+        done = dataset.read_table(cfg.output, S.IMAGES, opts,
+                                  columns=[S.URI, S.FINGERPRINT, S.SETTINGS, S.STATUS, S.ERROR])
+        listed = checked.inputs
+        todo = files_to_do(listed, done.to_pandas(), settings, cfg.retry_errors)
+        shards = plan_shards(todo, cfg.shard_size, salt=f"{run_id}|{settings}")
+        log(f"facemill prepare {run_id}: {len(listed)} images listed, {len(listed) - len(todo)} already done, "
+            f"{len(todo)} to do in {len(shards)} shards")
+        rows = _run_graph(cfg, shards, settings, opts, log, lease) if shards else []
+        lease.check()
+        version = dataset.table_version(dataset.records_uri(cfg.output), opts)
+        summary = _summarise(cfg, run_id, rows, len(listed), len(listed) - len(todo), checked.skipped, t0)
+        summary.update(settings=settings, table_version=version, nothing_to_do=not shards)
+        record = {**summary, "config": _config_dict(cfg)}
+        storage.write_json(storage.join(cfg.output, storage.RUNS, f"{run_id}.json"), record, opts)
+        if shards:  # a run that did nothing leaves the last real run's summary and report in place
+            storage.write_json(storage.join(cfg.output, "summary.json"), summary, opts)
+            write_prepare_report(cfg.output, summary, rows, opts)  # never raises: a report is not worth a run
+            dataset.vacuum(dataset.records_uri(cfg.output), opts)
+        else:
+            log(f"facemill prepare {run_id}: nothing to do, all {len(listed)} images are already in {cfg.output}")
     finally:
-        storage.release_lock(cfg.output, run_id, opts)
+        if own:
+            lease.release()
     return summary
 
 
-def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, log) -> list[dict]:
+def _run_graph(cfg: PrepareConfig, shards: list[dict], settings: str, opts: dict, log, lease) -> list[dict]:
     import ray
 
-    actors, gpus = _face_resources(cfg)
+    actors, gpus = actor_resources(cfg.actors, cfg.gpus_per_actor, cfg.device)
     fused = not gpus and cfg.cpus_per_actor == 1  # decode then runs inside the actors
     threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, 0.0 if fused else 1.0,
                                           cfg.torch_threads)
-    actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=run_id,
-                            torch_threads=threads)
+    actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=cfg.run_id,
+                            settings=settings, torch_threads=threads)
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
     ds = ds.map(decode_shard, fn_kwargs={"storage_options": opts, "decode": cfg.decode}, num_cpus=1)
     ds = ds.map_batches(FaceActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
@@ -280,6 +396,7 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], run_id: str, opts: dict, 
     rows, n_img, t0, last = [], 0, time.time(), 0.0
     total = sum(len(s["uris"]) for s in shards)
     for row in ds.iter_rows():
+        lease.check()  # a run that lost its lease stops here
         rows.append(row)
         n_img += row["images"]
         now = time.time()
@@ -303,7 +420,9 @@ def _summarise(cfg, run_id, rows, listed, already, skipped, t0) -> dict:
         "images_in": n, "images_with_faces": int(sum(r["ok"] for r in rows)),
         "images_no_face": int(sum(r["no_face"] for r in rows)), "images_error": int(sum(r["error"] for r in rows)),
         "errors_by_reason": dict(reasons), "faces": int(sum(r["faces"] for r in rows)),
-        "shards": len(rows), "skipped_non_image_files": len(skipped), "skipped_examples": skipped[:5],
+        "shards": len(rows), "skipped_non_image_files": len(skipped.get("not_an_image_extension", [])),
+        "skipped_by_reason": {k: len(v) for k, v in skipped.items() if v},
+        "skipped_examples": [u for v in skipped.values() for u in v][:5],
         "median_face_size_px": float(np.median(sizes)) if sizes.size else None,
         "wall_time_s": round(wall, 3), "images_per_s": round(n / wall, 2) if wall > 0 else None,
     }

@@ -5,6 +5,7 @@ import hashlib
 
 import cv2
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 import schemas as S
@@ -43,7 +44,8 @@ def _binary_rows(data: np.ndarray) -> pa.BinaryArray:
 
 
 def images_table(*, shard: str, uris: list[str], identities: list, fingerprints: list, widths: np.ndarray,
-                 heights: np.ndarray, errors: list, details: list, num_faces: np.ndarray, run_id: str) -> pa.Table:
+                 heights: np.ndarray, errors: list, details: list, num_faces: np.ndarray, settings: str,
+                 run_id: str) -> pa.Table:
     """The ``images`` rows of one shard.
 
     Args:
@@ -51,6 +53,7 @@ def images_table(*, shard: str, uris: list[str], identities: list, fingerprints:
         uris, identities, fingerprints, errors, details: per image (errors: None or a schemas.ERR_* reason).
         widths, heights: int[N] (0 where the image failed to decode).
         num_faces: int[N].
+        settings: digest of the settings that made the rows (``workers.pipeline.settings_digest``).
         run_id: the run writing these rows.
 
     Returns:
@@ -73,6 +76,7 @@ def images_table(*, shard: str, uris: list[str], identities: list, fingerprints:
         S.ERROR_DETAIL: pa.array(details, pa.string()),
         S.NUM_FACES: pa.array(nf, pa.int32()),
         S.FINGERPRINT: pa.array(fingerprints, pa.string()),
+        S.SETTINGS: pa.array([settings] * n, pa.string()),
         S.RUN_ID: pa.array([run_id] * n, pa.string()),
     }, schema=S.IMAGES_SCHEMA)
 
@@ -119,6 +123,37 @@ def faces_table(*, shard: str, uris: list[str], identities: list, image_index: n
         S.EMBEDDER_VERSION: pa.array([embedder_version] * f, pa.string()),
         S.RUN_ID: pa.array([run_id] * f, pa.string()),
     }, schema=S.faces_schema(dim))
+
+
+def records_table(images: pa.Table, faces: pa.Table) -> pa.Table:
+    """The ``records`` rows of one shard: its image rows, then its face rows.
+
+    Args:
+        images: rows of ``schemas.IMAGES_SCHEMA``.
+        faces: rows of ``schemas.faces_schema(D)`` for those images, crops encoded.
+
+    Returns:
+        Table with schema ``schemas.records_schema(D)``; face rows carry their image's fingerprint and
+        settings, image rows have ``face_index == schemas.IMAGE_ROW``.
+    """
+    dim = faces.schema.field(S.EMBEDDING).type.list_size
+    schema = S.records_schema(dim)
+    n, f = images.num_rows, faces.num_rows
+    owner = pd.Index(images.column(S.IMAGE_ID).to_numpy(zero_copy_only=False)).get_indexer(
+        faces.column(S.IMAGE_ID).to_numpy(zero_copy_only=False))
+    if (owner < 0).any():
+        raise ValueError(f"{int((owner < 0).sum())} face rows belong to no image row of the shard")
+    image_cols = {name: images.column(name) for name in images.column_names}
+    image_cols[S.FACE_INDEX] = pa.array(np.full(n, S.IMAGE_ROW, np.int32))
+    face_cols = {name: faces.column(name) for name in faces.column_names}
+    for name in (S.FINGERPRINT, S.SETTINGS):
+        face_cols[name] = images.column(name).take(pa.array(owner, pa.int64()))
+
+    def part(cols: dict, rows: int) -> pa.Table:
+        return pa.table({field.name: cols[field.name].cast(field.type) if field.name in cols
+                         else pa.nulls(rows, field.type) for field in schema}, schema=schema)
+
+    return pa.concat_tables([part(image_cols, n), part(face_cols, f)])
 
 
 def encode_crops(raw: pa.Array, size: int, quality: int = 95) -> pa.BinaryArray:

@@ -183,8 +183,11 @@ def _prepare_header(summary: dict, rows: list) -> str:
         ("images listed", _fmt_int(summary.get("images_listed"))),
         ("already done (skipped)", _fmt_int(summary.get("images_already_done"))),
         ("shards written", _fmt_int(summary.get("shards", len(rows)))),
+        ("records table version", summary.get("table_version")),
         ("median face size", _fmt_float(summary.get("median_face_size_px"), 1, " px")),
         ("non-image files skipped", _fmt_int(summary.get("skipped_non_image_files"))),
+        ("files skipped, by reason", ", ".join(f"{k} {v}" for k, v in (summary.get("skipped_by_reason") or {}).items())
+         or None),
     ]
     examples = summary.get("skipped_examples") or []
     if examples:
@@ -339,24 +342,21 @@ def _run_align(output: str, run_id: str | None, crop_side: int, storage_options:
 
 
 def _sample_faces(output: str, rows: list, storage_options: dict | None, n: int = NUM_SAMPLES):
-    """Up to ``n`` faces spread over the first committed shards of the run (at most a few files)."""
+    """Up to ``n`` faces spread over the first committed shards of the run (a pushed-down shard filter)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
+
+    from workers import dataset
 
     shards = [r["shard"] for r in sorted(rows, key=lambda r: float(r.get("written_at", 0.0)))
               if int(r.get("faces", 0)) > 0][:_MAX_SAMPLE_SHARDS]
-    fs, _ = storage.url_to_fs(output, storage_options)
-    tables, total = [], 0
-    for shard in shards:
-        path = storage.url_to_fs(storage.join(output, S.FACES, f"{shard}.parquet"), storage_options)[1]
-        table = pq.read_table(path, filesystem=fs, columns=list(_SAMPLE_COLUMNS))
-        tables.append(table)
-        total += table.num_rows
-        if total >= n:
-            break
-    if not tables:
+    if not shards:
         return None
-    table = pa.concat_tables(tables)
+    dataset.require_dataset(output, storage_options)
+    table = dataset.read_table(output, S.FACES, storage_options, columns=list(_SAMPLE_COLUMNS),
+                               filter=pc.field(S.SHARD).isin(shards))
+    if table.num_rows == 0:
+        return None
     take = np.unique(np.linspace(0, table.num_rows - 1, min(n, table.num_rows)).round().astype(np.int64))
     return table.take(pa.array(take))
 

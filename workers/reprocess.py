@@ -1,20 +1,20 @@
 """reprocess: re-embed a prepared dataset with another embedder, or bring it up to date with its input.
 
 Re-embed (:func:`run_reembed`) works from the stored aligned crops, without detecting again. The graph
-has the shape of prepare's: one row per committed faces shard ->
+has the shape of prepare's: one row per faces shard of the current records ->
 
-    read_crops (CPU task: faces parquet -> decoded crops) -> EmbedActor (actor pool, GPU if present)
-    -> write_embeddings (CPU task: commit ``<root>/embeddings/<name>/<shard>.parquet`` + marker)
+    read_crops (CPU task: the shard's face rows -> decoded crops) -> EmbedActor (actor pool, GPU if present)
+    -> write_embeddings (CPU task: one Delta commit replacing the shard's rows of ``embeddings/<name>``)
 
-Layout and visibility rules are those of :func:`workers.storage.commit_embeddings`. A shard is skipped
-when its embeddings marker names the same embedder and version and the faces shard is unchanged, so a
-rerun does only what is missing.
+Visibility rules are those of :func:`workers.dataset.read_embeddings`. A shard is skipped when the table
+already holds it from the same embedder and version, so a rerun does only what is missing; rows of faces
+that are no longer current are deleted.
 
 Incremental (:func:`run_incremental`) is prepare itself: ``run_prepare`` lists the input, skips files
 already committed with the same fingerprint and processes only new or changed ones (latest wins).
 
-Both take the dataset root's run lock (:func:`workers.storage.acquire_lock`), so no two runs of
-prepare or reprocess ever write one dataset at once.
+Both take the dataset root's run lease (:func:`workers.lease.take_lease`), so no two runs of prepare or
+reprocess ever work on one dataset at once.
 """
 from __future__ import annotations
 
@@ -25,10 +25,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas as S
-from workers import records, storage
+from workers import dataset, records, storage
 
 _META_COLUMNS = [S.IMAGE_ID, S.URI, S.IDENTITY, S.SHARD, S.FACE_INDEX]
 
@@ -52,7 +51,7 @@ class ReembedConfig:
         torch_threads: intra-op threads per actor (0: ``workers.pipeline.actor_threads``).
         storage_options: fsspec options.
         run_id: recorded in every row ("" = generated).
-        force_unlock: take the root's lock even if another run seems to hold it.
+        shared_fs: a local root is on a filesystem every Ray node sees.
     """
 
     root: str
@@ -68,20 +67,20 @@ class ReembedConfig:
     torch_threads: int = 0
     storage_options: tuple[tuple[str, str], ...] = ()
     run_id: str = ""
-    force_unlock: bool = False
+    shared_fs: bool = False
 
     def __post_init__(self):
-        if self.shards_per_call < 1:
-            raise ValueError(f"shards_per_call must be >= 1, got {self.shards_per_call}")
+        from workers.faces.embedders import check_precision
+        from workers.pipeline import check_pool_settings, check_run_id
+
+        check_pool_settings(self.actors, self.gpus_per_actor, self.cpus_per_actor, self.torch_threads,
+                            self.shards_per_call, self.device)
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0: by device), got {self.batch_size}")
-        from workers.faces.embedders import check_precision
-
         check_precision(self.precision, None if self.device == "auto" else self.device)
-        if not 0 < self.gpus_per_actor <= 8:
-            raise ValueError(f"gpus_per_actor must be in (0, 8], got {self.gpus_per_actor}")
+        check_run_id(self.run_id)
         if self.name:
-            storage.embeddings_root("", self.name)  # validates the name
+            dataset.embeddings_uri("", self.name)  # validates the name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +112,10 @@ def _decode_each(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_crops(row: dict, *, root: str, storage_options: dict | None) -> dict:
-    """Read one committed faces shard and decode its stored crops.
+    """Read the current face rows of one shard and decode their stored crops.
 
     Args:
-        row: shard (key) and faces_committed_at (its marker's time).
+        row: shard (key).
         root: dataset root.
         storage_options: fsspec options.
 
@@ -125,9 +124,7 @@ def read_crops(row: dict, *, root: str, storage_options: dict | None) -> dict:
         uint8[F, S, S, 3]), num_crops F, crop_size S and bad_crops (stored crops that did not decode;
         their faces are left out).
     """
-    path = storage.join(root, S.FACES, f"{row['shard']}.parquet")
-    fs, fpath = storage.url_to_fs(path, storage_options)
-    faces = pq.read_table(fpath, filesystem=fs, columns=_META_COLUMNS + [S.CROP])
+    faces = dataset.read_shard_faces(root, row["shard"], _META_COLUMNS + [S.CROP], storage_options)
     encoded = faces.column(S.CROP).to_pylist()
     try:
         crops, ok = records.decode_crops(encoded), np.ones(len(encoded), bool)
@@ -187,8 +184,7 @@ class EmbedActor:
             batch: columns of :func:`read_crops` rows.
 
         Returns:
-            Columns shard, faces_committed_at, bad_crops, embedder, embedder_version (the spec that ran)
-            and table_ipc (the shard's embeddings rows, ``schemas.embeddings_schema``, as Arrow IPC).
+            Columns shard, bad_crops, embedder, embedder_version (the spec that ran) and table_ipc (the shard's embeddings rows, ``schemas.embeddings_schema``, as Arrow IPC).
         """
         spec = self.embedder.spec
         height, width = spec.input_size
@@ -205,19 +201,14 @@ class EmbedActor:
                                                         spec.version, self.config.run_id))
                   for i in range(len(counts))]  # per shard of the call: slices of one result
         n = len(counts)
-        return {"shard": np.asarray(batch["shard"]), "faces_committed_at": np.asarray(batch["faces_committed_at"]),
-                "bad_crops": np.asarray(batch["bad_crops"]), "embedder": np.array([spec.name] * n),
+        return {"shard": np.asarray(batch["shard"]), "bad_crops": np.asarray(batch["bad_crops"]), "embedder": np.array([spec.name] * n),
                 "embedder_version": np.array([spec.version] * n), "table_ipc": np.array(tables, dtype=object)}
 
 
-def write_embeddings(row: dict, *, root: str, name: str, embedder_source: str,
-                     storage_options: dict | None) -> dict:
-    """Commit one shard of embeddings table ``name``; returns its summary row."""
+def write_embeddings(row: dict, *, root: str, name: str, storage_options: dict | None) -> dict:
+    """Commit one shard of embeddings table ``name`` (one Delta transaction); returns its summary row."""
     table = records.table_from_ipc(row["table_ipc"])
-    marker = {"embedder": str(row["embedder"]), "embedder_version": str(row["embedder_version"]),
-              "embedder_source": embedder_source, "faces_committed_at": float(row["faces_committed_at"]),
-              "bad_crops": int(row["bad_crops"])}
-    storage.commit_embeddings(root, name, row["shard"], table, marker, storage_options)
+    dataset.commit_embeddings(root, name, row["shard"], table, storage_options)
     return {"shard": row["shard"], "faces": table.num_rows, "bad_crops": int(row["bad_crops"]),
             "written_at": time.time(), "pid": os.getpid()}
 
@@ -226,92 +217,92 @@ def write_embeddings(row: dict, *, root: str, name: str, embedder_source: str,
 # Driver side
 # --------------------------------------------------------------------------------------------------
 
-def shards_to_embed(markers: dict[str, dict], done: dict[str, dict], embedder: str, version: str) -> list[dict]:
-    """Faces shards without a current embeddings shard of this embedder version, oldest first.
+def shards_to_embed(faces_per_shard, done, embedder: str, version: str) -> list[dict]:
+    """Faces shards without current embeddings of this embedder version, in shard order.
 
     Args:
-        markers: the dataset's commit markers (shard -> marker).
-        done: the embeddings table's current markers (:func:`storage.current_embeddings`).
+        faces_per_shard: shard -> current faces (:func:`workers.dataset.face_shards`).
+        done: distinct shard, embedder, embedder_version rows of the embeddings table.
         embedder, version: the embedder's spec name and version.
 
     Returns:
-        Rows {shard, faces_committed_at}.
+        Rows {shard, faces}.
     """
-    todo = []
-    for shard, m in sorted(markers.items(), key=lambda kv: kv[1]["committed_at"]):
-        if S.FACES not in m.get("tables", ()):
-            continue
-        d = done.get(shard)
-        if d and d.get("embedder") == embedder and d.get("embedder_version") == version:
-            continue
-        todo.append({"shard": shard, "faces_committed_at": float(m["committed_at"])})
-    return todo
+    same = done[(done[S.EMBEDDER] == embedder) & (done[S.EMBEDDER_VERSION] == version)]
+    have = set(same[S.SHARD])
+    return [{"shard": str(shard), "faces": int(n)} for shard, n in faces_per_shard.items() if shard not in have]
 
 
-def _resources(cfg: ReembedConfig) -> tuple[int, float]:
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
-    if gpus:
-        return cfg.actors or max(1, int(gpus // cfg.gpus_per_actor)), cfg.gpus_per_actor
-    return cfg.actors or 1, 0.0
-
-
-def run_reembed(cfg: ReembedConfig, log=print) -> dict:
-    """Re-embed every committed faces shard of ``cfg.root`` not yet embedded by this embedder version.
+def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
+    """Re-embed every faces shard of ``cfg.root`` not yet embedded by this embedder version.
 
     Returns (and writes to ``<root>/embeddings/<name>/summary.json`` and ``<root>/_runs/<run_id>.json``)
-    the run summary: shards/faces done and skipped, the table name, the embedder and ``nothing_to_do``.
+    the run summary: shards/faces done and skipped, the table name and version, the embedder and
+    ``nothing_to_do``.
+
+    Args:
+        cfg: the run.
+        log: progress lines go here.
+        lease: the root's run lease if the caller took it, else it is taken and released here.
 
     Raises:
-        storage.StorageError: root not writable, or locked by another run.
-        ValueError: unknown or broken embedder, bad table name, no committed faces at ``cfg.root``.
+        storage.StorageError: no dataset at the root, not writable, or in use by another run.
+        ValueError: unknown or broken embedder, bad table name, a setting the cluster cannot run.
     """
     from workers.faces.embedders import load_embedder
-    from workers.pipeline import new_run_id
+    from workers.lease import take_lease
+    from workers.pipeline import check_cluster, new_run_id
 
     t0 = time.time()
     opts = dict(cfg.storage_options)
     run_id = cfg.run_id or new_run_id()
     spec = load_embedder(cfg.embedder).spec  # fail fast on an unknown or broken embedder
     name = cfg.name or spec.name
-    eroot = storage.embeddings_root(cfg.root, name)
+    eroot = dataset.embeddings_uri(cfg.root, name)
+    dataset.require_dataset(cfg.root, opts)
     storage.check_writable(cfg.root, opts)
-    storage.acquire_lock(cfg.root, run_id, opts, force=cfg.force_unlock)
+    own = lease is None
+    lease = take_lease(cfg.root, run_id, "reprocess", opts) if own else lease
     try:
-        markers = storage.committed(cfg.root, opts)
-        if not markers:
-            raise ValueError(f"{cfg.root!r} holds no committed shards: run prepare first")
-        removed = storage.remove_uncommitted_embeddings(cfg.root, name, opts)
-        done = storage.current_embeddings(cfg.root, name, opts, markers)
-        todo = shards_to_embed(markers, done, spec.name, spec.version)
-        faces_todo = sum(int(markers[r["shard"]].get("faces", 0)) for r in todo)
+        check_cluster([cfg.root], cfg.device, cfg.precision, cfg.shared_fs)
+        per_shard = dataset.face_shards(cfg.root, opts)
+        if per_shard.empty:
+            raise ValueError(f"{cfg.root!r} holds no faces: run prepare first")
+        done = dataset.embedded_shards(cfg.root, name, opts)
+        stale = sorted(set(done[S.SHARD]) - set(per_shard.index))
+        dataset.delete_embeddings(cfg.root, name, stale, opts)
+        todo = shards_to_embed(per_shard, done, spec.name, spec.version)
+        faces_todo = sum(r["faces"] for r in todo)
         log(f"facemill reprocess {run_id}: re-embed {cfg.root} with {spec.name} {spec.version} into "
-            f"embeddings/{name}: {len(markers)} shards, {len(markers) - len(todo)} already done, "
-            f"{len(todo)} to do ({faces_todo} faces)" + (f"; removed {removed} partial files" if removed else ""))
+            f"embeddings/{name}: {len(per_shard)} shards, {len(per_shard) - len(todo)} already done, "
+            f"{len(todo)} to do ({faces_todo} faces)" + (f"; {len(stale)} stale shards deleted" if stale else ""))
         rows = _run_graph(cfg, todo, name, run_id, opts) if todo else []
+        lease.check()
         summary = {
             "run_id": run_id, "mode": "reembed", "root": cfg.root, "table": f"{S.EMBEDDINGS}/{name}",
             "embedder": spec.name, "embedder_version": spec.version, "embedder_source": cfg.embedder,
-            "shards": len(markers), "shards_done": len(rows), "shards_skipped": len(markers) - len(todo),
+            "shards": len(per_shard), "shards_done": len(rows), "shards_skipped": len(per_shard) - len(todo),
             "faces": int(sum(r["faces"] for r in rows)), "bad_crops": int(sum(r["bad_crops"] for r in rows)),
             "nothing_to_do": not todo, "schema_version": S.SCHEMA_VERSION,
-            "wall_time_s": round(time.time() - t0, 3),
+            "table_version": dataset.table_version(eroot, opts), "wall_time_s": round(time.time() - t0, 3),
         }
-        storage.put_atomic(storage.join(eroot, "summary.json"), json.dumps(summary, indent=2).encode(), opts)
-        storage.put_atomic(storage.join(cfg.root, storage.RUNS, f"{run_id}.json"),
-                           json.dumps({**summary, "config": _config_dict(cfg)}, indent=2).encode(), opts)
+        if todo:
+            storage.write_json(storage.join(eroot, "summary.json"), summary, opts)
+            dataset.vacuum(eroot, opts)
+        storage.write_json(storage.join(cfg.root, storage.RUNS, f"{run_id}.json"),
+                           {**summary, "config": _config_dict(cfg)}, opts)
     finally:
-        storage.release_lock(cfg.root, run_id, opts)
+        if own:
+            lease.release()
     return summary
 
 
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     import ray
 
-    from workers.pipeline import plan_actor_pool
+    from workers.pipeline import actor_resources, plan_actor_pool
 
-    actors, gpus = _resources(cfg)
+    actors, gpus = actor_resources(cfg.actors, cfg.gpus_per_actor, cfg.device)
     read_cpus = 0.5
     threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, read_cpus, cfg.torch_threads)
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
@@ -321,12 +312,12 @@ def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opt
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
-    ds = ds.map(write_embeddings, fn_kwargs={"root": cfg.root, "name": name, "embedder_source": cfg.embedder,
-                                             "storage_options": opts}, num_cpus=write_cpus)
+    ds = ds.map(write_embeddings, fn_kwargs={"root": cfg.root, "name": name, "storage_options": opts},
+                num_cpus=write_cpus)
     return list(ds.iter_rows())
 
 
-def run_incremental(cfg, log=print) -> dict:
+def run_incremental(cfg, log=print, lease=None, checked=None) -> dict:
     """Process only the new or changed files of ``cfg.input`` into ``cfg.output`` (prepare's own skip).
 
     Args:
@@ -337,8 +328,8 @@ def run_incremental(cfg, log=print) -> dict:
     """
     from workers.pipeline import run_prepare
 
-    summary = run_prepare(cfg, log=log)
-    summary = {**summary, "mode": "incremental", "nothing_to_do": summary["images_in"] == 0}
+    summary = run_prepare(cfg, log=log, lease=lease, checked=checked)
+    summary = {**summary, "mode": "incremental"}
     if summary["nothing_to_do"]:
         log(f"facemill reprocess {summary['run_id']}: nothing to do ({summary['images_listed']} images listed, "
             f"all already processed and unchanged)")

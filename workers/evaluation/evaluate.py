@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 import schemas as S
-from workers import storage
+from workers import dataset, storage
 from workers.evaluation import verification as V
 
 KEY_PATH = "path"          # pair keys are "<identity>/<file>" (the uri's last two components)
@@ -50,6 +50,10 @@ class EvaluateConfig:
         embeddings: name of an ``embeddings/<name>`` table of ``faces``; "" uses the faces table's own.
         folds: evaluate only the first ``folds`` folds of the file (0: all).
         far_target: false accept rate of the VAL@FAR metric.
+        degrade: evaluate on a degraded domain (``lowres:16``, ``jpeg:10+gray``, ``mask``, ``blur:2``;
+            :func:`workers.faces.degrade.parse_degrade`): the chosen faces' stored crops are degraded per
+            image and re-embedded with ``embedder``. "" uses the stored embeddings.
+        embedder: the model that embeds degraded crops (registry name or exported directory).
         storage_options: fsspec options (e.g. endpoint_url).
     """
 
@@ -59,9 +63,18 @@ class EvaluateConfig:
     embeddings: str = ""
     folds: int = 0
     far_target: float = 1e-3
+    degrade: str = ""
+    embedder: str = "sface"
     storage_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        if self.degrade:
+            from workers.faces.degrade import parse_degrade
+
+            parse_degrade(self.degrade)
+            if self.embeddings:
+                raise ValueError("--degrade re-embeds the stored crops with --embedder; it does not combine "
+                                 "with --embeddings")
         if self.folds < 0:
             raise ValueError(f"folds must be >= 0 (0: all), got {self.folds}")
         if not 0.0 < self.far_target < 1.0:
@@ -182,6 +195,8 @@ def load_pairs(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     fs, fpath = storage.url_to_fs(path, storage_options)
     if not fs.exists(fpath):
         raise FileNotFoundError(f"pairs file {path!r} does not exist")
+    if fs.isdir(fpath):
+        raise ValueError(f"pairs file {path!r} is a folder; give the pairs file itself (e.g. pairs.txt)")
     lower = fpath.lower()
     if lower.endswith((".csv", ".parquet")):
         with fs.open(fpath, "rb") as f:
@@ -212,13 +227,17 @@ def _fixed_list_numpy(column: pa.ChunkedArray, width: int | None = None) -> np.n
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def image_embeddings(root: str, embeddings: str = "", storage_options: dict | None = None) -> dict:
+def image_embeddings(root: str, embeddings: str = "", storage_options: dict | None = None, degrade: str = "",
+                     embedder: str = "sface") -> dict:
     """One embedding per image of a dataset (the face nearest the image centre).
 
     Args:
         root: dataset root.
         embeddings: an ``embeddings/<name>`` table name, or "" for the faces table's own embeddings.
         storage_options: fsspec options.
+        degrade: a degradation spec: the chosen faces' crops are degraded and re-embedded with ``embedder``
+            (:func:`workers.evaluation.degraded.degraded_embeddings`); "" keeps the stored vectors.
+        embedder: the model for ``degrade``.
 
     Returns:
         dict with ``path_keys`` and ``image_ids`` (object[M] each, unique), ``embeddings``
@@ -228,20 +247,20 @@ def image_embeddings(root: str, embeddings: str = "", storage_options: dict | No
     Raises:
         ValueError: ``embeddings`` names a table that holds nothing.
     """
-    markers = storage.committed(root, storage_options)
-    faces = storage.read_table(root, S.FACES, storage_options, markers=markers,
+    dataset.require_dataset(root, storage_options)
+    faces = dataset.read_table(root, S.FACES, storage_options,
                                columns=[S.IMAGE_ID, S.URI, S.SHARD, S.FACE_INDEX, S.BOX, S.EMBEDDING,
                                         S.EMBEDDER, S.EMBEDDER_VERSION])
     if embeddings:
-        vectors = storage.read_embeddings(root, embeddings, storage_options, markers=markers,
+        vectors = dataset.read_embeddings(root, embeddings, storage_options,
                                           columns=[S.IMAGE_ID, S.SHARD, S.FACE_INDEX, S.EMBEDDING,
                                                    S.EMBEDDER, S.EMBEDDER_VERSION])
         if vectors.num_rows == 0 and faces.num_rows:
-            known = storage.list_embeddings(root, storage_options)
+            known = dataset.list_embeddings(root, storage_options)
             raise ValueError(f"embeddings table {embeddings!r} of {root!r} is empty or missing "
                              f"(known: {known}); run `python -m jobs.reprocess --output {root} --embedder ...`")
         faces = _join_faces(faces.drop_columns([S.EMBEDDING, S.EMBEDDER, S.EMBEDDER_VERSION]), vectors)
-    images = storage.read_table(root, S.IMAGES, storage_options, markers=markers,
+    images = dataset.read_table(root, S.IMAGES, storage_options,
                                 columns=[S.IMAGE_ID, S.WIDTH, S.HEIGHT])
     n = faces.num_rows
     if n == 0:
@@ -258,7 +277,13 @@ def image_embeddings(root: str, embeddings: str = "", storage_options: dict | No
     codes, _ = pd.factorize(ids)
     rows = nearest_centre_faces(codes, _fixed_list_numpy(faces.column(S.BOX), 4), widths, heights,
                                 faces.column(S.FACE_INDEX).to_numpy())
-    vectors = _fixed_list_numpy(faces.column(S.EMBEDDING))[rows].astype(np.float32)
+    if degrade:
+        from workers.evaluation.degraded import degraded_embeddings
+
+        vectors = degraded_embeddings(root, ids[rows], faces.column(S.FACE_INDEX).to_numpy()[rows], degrade,
+                                      embedder, storage_options)
+    else:
+        vectors = _fixed_list_numpy(faces.column(S.EMBEDDING))[rows].astype(np.float32)
     uris = faces.column(S.URI).to_numpy(zero_copy_only=False)[rows]
     keys = image_keys(uris)
     unique = ~pd.Series(keys).duplicated().to_numpy()
@@ -296,11 +321,12 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
     """
     t0 = time.time()
     opts = dict(cfg.storage_options)
+    dataset.require_dataset(cfg.faces, opts)  # before the pairs: a missing dataset is the first thing to say
     pairs = first_folds(load_pairs(cfg.pairs, opts), cfg.folds)
     if pairs[V.FOLD].nunique() < 2:
         raise ValueError(f"{cfg.pairs!r} gives {pairs[V.FOLD].nunique()} fold(s) "
                          f"(--folds {cfg.folds}); the k-fold protocol needs at least 2")
-    table = image_embeddings(cfg.faces, cfg.embeddings, opts)
+    table = image_embeddings(cfg.faces, cfg.embeddings, opts, degrade=cfg.degrade, embedder=cfg.embedder)
     kind = pair_key_kind(pairs)
     keys = table["image_ids"] if kind == KEY_IMAGE_ID else table["path_keys"]
     scores, valid = pair_scores(pairs, keys, table["embeddings"])
@@ -311,7 +337,8 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
     absent = wanted[~wanted.isin(pd.Index(keys))].tolist()
     acc, val = m["accuracy"], m["val_at_far"]
     result = {
-        "faces": cfg.faces, "embeddings": cfg.embeddings or S.FACES, "embedder": table["embedder"],
+        "faces": cfg.faces, "embeddings": cfg.embeddings or S.FACES,
+        "embedder": [cfg.embedder] if cfg.degrade else table["embedder"], "degrade": cfg.degrade or "clean",
         "pairs": cfg.pairs, "key": kind, "folds": int(len(acc["folds"])), "num_pairs": int(len(pairs)),
         "num_same": int(same.sum()), "num_missing_pairs": int((~valid).sum()),
         "num_missing_images": len(absent), "missing_images": sorted(absent)[:20],
@@ -324,6 +351,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
         "wall_time_s": round(time.time() - t0, 3),
     }
     label = cfg.embeddings or (table["embedder"][0].split("@")[0] if table["embedder"] else "faces")
+    label = f"{cfg.embedder} on {cfg.degrade}" if cfg.degrade else label
     title = f"{Path(cfg.pairs).name}: {result['folds']} folds, {len(pairs)} pairs"
     roc_png = _write_roc(cfg.output, {label: m["roc"]}, title, opts)
     storage.put_atomic(storage.join(cfg.output, "eval.json"), json.dumps(result, indent=2).encode(), opts)

@@ -65,6 +65,8 @@ class MTCNNConfig:
             raise ValueError(f"thresholds must be 3 values in [0, 1], got {self.thresholds}")
         if self.select not in ("all", "largest", "center"):
             raise ValueError(f"select must be 'all', 'largest' or 'center', got {self.select!r}")
+        if self.max_faces < 0:
+            raise ValueError(f"max_faces must be >= 0 (0: no limit), got {self.max_faces}")
         if self.crop_chunk < 0 or self.stage1_pixels < 0:
             raise ValueError(f"crop_chunk and stage1_pixels must be >= 0 (0: by device), "
                              f"got {self.crop_chunk} and {self.stage1_pixels}")

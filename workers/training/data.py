@@ -1,6 +1,6 @@
 """Training data from a ``faces`` table: which identities train, which are held out, and their crops.
 
-Pure pandas/numpy on top of :mod:`workers.storage`; no Ray, no torch. Every training worker may call
+Pure pandas/numpy on top of :mod:`workers.dataset`; no Ray, no torch. Every training worker may call
 :func:`load_faces` itself (the faces table of a fine-tuning set is small); it keeps the decoded crops in
 memory as ``uint8[N, 112, 112, 3]``, about 37.6 kB per face: 0.5 GB for LFW's 13k faces, 12 GB for
 VGGFace2's 330k, per worker. Beyond a few hundred thousand faces per node this should become a Ray Data
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import schemas as S
-from workers import storage
+from workers import dataset
 from workers.evaluation.verification import pair_identities, read_pairs, split_identities
 from workers.records import decode_crops
 
@@ -121,7 +121,7 @@ def read_face_index(cfg: DataConfig) -> pd.DataFrame:
         ValueError: the dataset holds no faces with an identity.
     """
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX]
-    table = storage.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
+    table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
     frame = _keep_rows(table.to_pandas())
     if frame.empty:
         raise ValueError(f"{cfg.faces!r} holds no faces with an identity in its {S.FACES!r} table "
@@ -182,7 +182,7 @@ def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> Face
         no rows.
     """
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]
-    table = storage.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
+    table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
     frame = table.select([S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX]).to_pandas()
     frame["_row"] = np.arange(len(frame))
     frame = _keep_rows(frame)
