@@ -54,7 +54,9 @@ def _sample_tree(dest: Path, people: int = 4) -> Path:
 def test_1_prepare_refuses_an_output_that_holds_the_users_files(tmp_path):
     """`prepare --input dataset/images --output dataset` deleted every input ("removed 7 partial files")."""
     user = tmp_path / "dataset"
-    _sample_tree(user / "images")
+    (user / "images").mkdir(parents=True)
+    for photo in sorted(SAMPLE.glob("*/*.jpg")):                                # a flat folder, as in the probe
+        shutil.copy(photo, user / "images" / photo.name)
     before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
     t0 = time.time()
     proc = _job("jobs.prepare", "--input", user / "images", "--output", user)
