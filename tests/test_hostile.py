@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -256,3 +257,34 @@ def test_8_evaluate_names_a_missing_dataset_and_a_folder_given_as_pairs(tmp_path
     _one_line_error(missing, "is not a facemill dataset")
     folder = _job("jobs.evaluate", "--faces", prepared_lfw[0], "--pairs", tmp_path, "--output", tmp_path / "e")
     _one_line_error(folder, "is a folder")
+
+
+def test_8_a_sigkilled_driver_leaves_no_ray_processes_behind(tmp_path):
+    """A SIGKILLed embedded-Ray driver left ray::DashboardAgent and ray::RuntimeEnvAgent running."""
+    from jobs._watchdog import alive
+    from tests.procs import descendants
+
+    src = _sample_tree(tmp_path / "in")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--input", str(src), "--output",
+                             str(tmp_path / "out"), "--local-cpus", "2"], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    agents: list[int] = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        tree = descendants(proc.pid)
+        names = {p: Path(f"/proc/{p}/cmdline").read_bytes() if Path(f"/proc/{p}/cmdline").exists() else b""
+                 for p in tree}
+        agents = [p for p, c in names.items() if b"DashboardAgent" in c or b"RuntimeEnvAgent" in c]
+        if len(agents) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(agents) >= 2, "the embedded Ray's agents never appeared"
+    ray_tree = [p for p in descendants(proc.pid) if p != proc.pid]
+    os.kill(proc.pid, signal.SIGKILL)                                    # the driver only
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in ray_tree):
+        time.sleep(0.5)
+    left = [p for p in ray_tree if alive(p)]
+    assert not left, f"{len(left)} Ray processes outlived their driver, agents among them: " \
+                     f"{sorted(set(left) & set(agents))}"
