@@ -15,8 +15,8 @@ def connect_ray(local_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
         _watch_embedded_ray()
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
     try:
         from ray.data import DataContext
 
@@ -28,32 +28,13 @@ def connect_ray(local_cpus: int | None = None) -> None:
 
 
 def _watch_embedded_ray() -> None:
-    """Start jobs._watchdog for this driver's embedded Ray: its head processes and their children."""
+    """Start jobs._watchdog for the embedded Ray this driver is about to start: it kills that Ray's
+    processes once this driver is gone (a SIGKILLed driver leaves Ray's agents running otherwise)."""
     import subprocess
 
-    import ray
-
-    from jobs._watchdog import start_time
-
-    try:
-        node = ray._private.worker._global_node
-        heads = [info.process.pid for infos in node.all_processes.values() for info in infos]
-    except Exception:  # noqa: BLE001 - private API moved: no watchdog, Ray's own cleanup only
-        return
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    pids = heads + [c for h in heads for c in children.get(h, [])]
-    targets = [f"{p}:{start_time(p)}" for p in pids if start_time(p)]
-    if targets:
-        subprocess.Popen([sys.executable, "-m", "jobs._watchdog", str(os.getpid()), *targets],
-                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.Popen([sys.executable, "-m", "jobs._watchdog", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
 
 
 def fail(message: str, code: int = 2) -> None:
