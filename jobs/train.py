@@ -53,10 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="fail unless --output has a checkpoint to resume")
     p.add_argument("--max-failures", type=int, default=t.max_failures, help="worker failures to recover from")
     p.add_argument("--keep-checkpoints", type=int, default=t.keep_checkpoints)
+    p.add_argument("--augment", default="", help="capture-condition augmentation probabilities, e.g. "
+                   "lowres=0.5,jpeg=0.3,gray=0.2,mask=0.3,blur=0.2 (ranges: workers/training/augment.py)")
     p.add_argument("--run-id", default="")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     args = p.parse_args(argv)
+    from workers.training.augment import parse_augment
+
     opts = storage_options(args.s3_endpoint_url)
     try:
         cfg = TrainConfig(
@@ -73,7 +77,7 @@ def parse_args(argv=None):
             warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, freeze_stages=args.freeze_stages,
             init=args.init, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, resume=args.resume,
             max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, run_id=args.run_id,
-            storage_options=opts)
+            augment=parse_augment(args.augment), storage_options=opts)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args

@@ -166,8 +166,11 @@ def stored_embeddings_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
               else f for f in embeddings_schema(embedding_dim)]
     return _with_meta(fields, EMBEDDINGS)
 
-# Manifest inputs (CSV or Parquet): a uri column and an optional identity column.
+# Manifest inputs (CSV or Parquet): a uri column and optional identity and fingerprint columns.
 MANIFEST_URI = URI
 MANIFEST_IDENTITY = IDENTITY
+MANIFEST_FINGERPRINT = FINGERPRINT
+# Input listings (workers.inputs.list_inputs; in memory only): uri, identity, fingerprint and this.
+LISTING_SIZE = "size"                    # bytes per listed file (Int64, null where unknown)
 
 __all__ = [name for name in dir() if name.isupper() or name.endswith("_schema")]

@@ -29,7 +29,7 @@ import schemas as S
 from workers.decode import IMAGE_EXTENSIONS
 from workers.storage import StorageError, permanent_error, unstrip, url_to_fs
 
-SIZE = "size"                            # bytes per listed file (Int64, null where unknown); not stored
+SIZE = S.LISTING_SIZE
 SKIP_EXTENSION = "not_an_image_extension"
 SKIP_HIDDEN = "hidden"
 SKIP_DUPLICATE = "duplicate"

@@ -1,10 +1,13 @@
 """Training data from a ``faces`` table: which identities train, which are held out, and their crops.
 
-Pure pandas/numpy on top of :mod:`workers.dataset`; no Ray, no torch. Every training worker may call
-:func:`load_faces` itself (the faces table of a fine-tuning set is small); it keeps the decoded crops in
-memory as ``uint8[N, 112, 112, 3]``, about 37.6 kB per face: 0.5 GB for LFW's 13k faces, 12 GB for
-VGGFace2's 330k, per worker. Beyond a few hundred thousand faces per node this should become a Ray Data
-stream (``ray.train.get_dataset_shard``) instead of one in-memory copy per worker.
+Pure pandas/numpy/pyarrow on top of :mod:`workers.dataset`; no Ray, no torch. Every read pushes an
+identity filter (and ``face_index == 0``) down to the Delta scan and projects the columns it needs, so
+a reader of a few identities reads only their rows.
+
+* :func:`load_encoded_faces` keeps the stored JPEG crops as bytes (about 5 kB per 112 x 112 face at
+  quality 95): what a training worker holds of its identity shard (see :mod:`workers.training.stream`).
+* :func:`load_faces` decodes, ``uint8[N, 112, 112, 3]``, 37.6 kB per face: for small sets only (the
+  held-out verification faces, the probe batch, tests).
 
 Rules:
 
@@ -19,9 +22,13 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import schemas as S
 from workers import dataset
@@ -69,6 +76,8 @@ class IdentitySplit:
         excluded: identities of the faces table dropped because the pairs file names them.
         num_faces_train: faces of the training identities.
         num_faces_heldout: faces of the held-out identities.
+        train_counts: faces of each training identity (``train_counts[i]`` of ``train[i]``), from which
+            every worker computes the same identity shards.
     """
 
     train: tuple[str, ...]
@@ -76,10 +85,42 @@ class IdentitySplit:
     excluded: tuple[str, ...]
     num_faces_train: int
     num_faces_heldout: int
+    train_counts: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return {"train": list(self.train), "heldout": list(self.heldout), "excluded": list(self.excluded),
-                "num_faces_train": self.num_faces_train, "num_faces_heldout": self.num_faces_heldout}
+                "num_faces_train": self.num_faces_train, "num_faces_heldout": self.num_faces_heldout,
+                "train_counts": list(self.train_counts)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedFaces:
+    """Stored crops of a set of faces, not decoded.
+
+    Attributes:
+        crops: object[N], the stored (JPEG) bytes of each face's aligned RGB crop.
+        labels: int64[N], index into ``identities``.
+        identities: names; ``identities[labels[i]]`` is face ``i``'s identity.
+    """
+
+    crops: np.ndarray
+    labels: np.ndarray
+    identities: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def crop_bytes(self) -> int:
+        """Sum of the stored crops' lengths."""
+        return int(sum(map(len, self.crops)))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for the faces: crop payloads, their Python ``bytes`` headers, the pointer and label
+        arrays (the ``identities`` names are shared with the split)."""
+        header = sys.getsizeof(b"")
+        return self.crop_bytes + header * len(self) + self.crops.nbytes + self.labels.nbytes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -162,7 +203,8 @@ def split_faces(index: pd.DataFrame, cfg: DataConfig, exclude: set[str] | frozen
     heldout_all = (*heldout, *singles)
     return IdentitySplit(train=tuple(train), heldout=heldout_all, excluded=tuple(excluded),
                          num_faces_train=int(counts[train].sum()),
-                         num_faces_heldout=int(counts[list(heldout_all)].sum()))
+                         num_faces_heldout=int(counts[list(heldout_all)].sum()),
+                         train_counts=tuple(int(n) for n in counts[list(train)]))
 
 
 def plan_split(cfg: DataConfig) -> IdentitySplit:
@@ -170,8 +212,63 @@ def plan_split(cfg: DataConfig) -> IdentitySplit:
     return split_faces(read_face_index(cfg), cfg, excluded_identities(cfg.exclude_pairs))
 
 
+def _read_faces(cfg: DataConfig, names: Sequence[str], columns: list[str]) -> pa.Table:
+    """Rows of ``names`` only (same row rules as :func:`read_face_index`), filtered in the scan."""
+    where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string()))
+    if not cfg.all_faces:
+        where = where & (pc.field(S.FACE_INDEX) == 0)
+    return dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
+
+
+def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``table`` sorted by image_id then face_index, int64 label of each of those rows)."""
+    order = pc.sort_indices(table.select([S.IMAGE_ID, S.FACE_INDEX]),
+                            sort_keys=[(S.IMAGE_ID, "ascending"), (S.FACE_INDEX, "ascending")]).to_numpy()
+    names = table.column(S.IDENTITY).to_numpy(zero_copy_only=False)[order]
+    labels = pd.Index(list(identities)).get_indexer(names).astype(np.int64)
+    if (labels < 0).any():   # the scan filter keeps only these identities
+        raise ValueError(f"read identity {names[labels < 0][0]!r}, not one of the {len(identities)} asked for")
+    return order, labels
+
+
+def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
+                       labels: Sequence[int] | np.ndarray | None = None) -> EncodedFaces:
+    """Read the stored crops of some identities' faces, without decoding them.
+
+    Only the rows of the identities asked for are read (columns image_id, identity, face_index, crop;
+    identity and face_index filters pushed down to the scan); the crops stay the stored bytes.
+
+    Args:
+        cfg: where the faces are.
+        identities: names, e.g. ``split.train``; the label of ``identities[i]`` is ``i``.
+        labels: positions into ``identities`` to read (None: all of them).
+
+    Returns:
+        EncodedFaces sorted by image_id then face_index, with labels among ``labels``; an identity
+        without faces simply has no rows.
+    """
+    wanted = np.arange(len(identities)) if labels is None else np.asarray(labels, dtype=np.int64)
+    if wanted.size and not 0 <= wanted.min() <= wanted.max() < len(identities):
+        raise ValueError(f"labels must be in [0, {len(identities)}), got {wanted.min()}..{wanted.max()}")
+    names = [identities[i] for i in wanted.tolist()]
+    table = _read_faces(cfg, names, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP])
+    order, face_labels = _sorted_rows(table, identities)
+    chunks = list(table.column(S.CROP).chunks)
+    del table
+    crops = np.empty(sum(len(c) for c in chunks), dtype=object)
+    start = 0
+    while chunks:   # one chunk at a time, so that each Arrow chunk is freed once copied
+        values = chunks.pop(0).to_pylist()
+        crops[start:start + len(values)] = values
+        start += len(values)
+    return EncodedFaces(crops=crops[order], labels=face_labels, identities=tuple(identities))
+
+
 def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> FaceSet:
     """Read and decode the faces of ``identities`` (same row rules as :func:`read_face_index`).
+
+    Only those identities' rows are read (filters pushed down to the scan). For small sets: every face
+    is held decoded, 37.6 kB per 112 x 112 crop.
 
     Args:
         cfg: where the faces are.
@@ -181,18 +278,10 @@ def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> Face
         FaceSet with faces sorted by image_id then face_index; an identity without faces simply has
         no rows.
     """
-    columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]
-    table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
-    frame = table.select([S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX]).to_pandas()
-    frame["_row"] = np.arange(len(frame))
-    frame = _keep_rows(frame)
-    if not cfg.all_faces:
-        frame = frame[frame[S.FACE_INDEX] == 0]
-    lookup = pd.Index(list(identities))
-    labels = lookup.get_indexer(frame[S.IDENTITY].to_numpy(dtype=object))
-    keep = labels >= 0
-    frame, labels = frame[keep], labels[keep]
-    crops = decode_crops(table.column(S.CROP).take(frame["_row"].to_numpy()))
-    keys = frame[S.IMAGE_ID].astype(str) + "#" + frame[S.FACE_INDEX].astype(str)
-    return FaceSet(crops=crops, labels=labels.astype(np.int64), identities=tuple(identities),
-                   keys=keys.to_numpy(dtype=object))
+    table = _read_faces(cfg, identities, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP])
+    order, labels = _sorted_rows(table, identities)
+    crops = decode_crops(table.column(S.CROP).take(pa.array(order)))
+    image_ids = table.column(S.IMAGE_ID).to_numpy(zero_copy_only=False)[order]
+    face_index = table.column(S.FACE_INDEX).to_numpy()[order]
+    keys = pd.Series(image_ids, dtype=object).astype(str) + "#" + pd.Series(face_index).astype(str)
+    return FaceSet(crops=crops, labels=labels, identities=tuple(identities), keys=keys.to_numpy(dtype=object))

@@ -1,8 +1,9 @@
 """Fine-tuning SFace on Ray Train: the per-worker loop, its checkpoints, and the driver-side glue.
 
-Per step every worker takes its own P x K batch from :class:`PKSampler` (identities disjoint across
-workers), flips half of it horizontally, runs backbone + :class:`CombinedLoss` (classifier head and
-centers live in one module, wrapped by DDP: NCCL on GPU, gloo on CPU), mines triplets on the device,
+Every worker holds only its own identity shard, as stored JPEG bytes, and per step takes its own P x K
+batch of it, decoded ahead of the step in background threads (:mod:`workers.training.stream`; identities
+disjoint across workers), flips half of it horizontally, runs backbone + :class:`CombinedLoss` (classifier
+head and centers live in one module, wrapped by DDP: NCCL on GPU, gloo on CPU), mines triplets on the device,
 clips gradients, steps AdamW under a warm-up + cosine schedule, then moves the loss centers with
 sums all-reduced across workers. Mixed precision (``torch.autocast``) is used on GPU only.
 
@@ -53,9 +54,15 @@ from workers.evaluation.verification import (
 from workers.faces.embedders import (
     SPEC_FILE, WEIGHTS_FILE, Embedder, SFace, freeze_layers, load_embedder, save_embedder)
 from workers.faces.weights import ModelSpec
+from workers.training.augment import AugmentConfig, augment_batch
 from workers.training.data import DataConfig, FaceSet, IdentitySplit, load_faces, plan_split
 from workers.training.losses import CombinedLoss, LossConfig
-from workers.training.sampler import PKSampler
+from workers.training.stream import (
+    open_worker_shard, plan_shards, prefetch_batches, probe_batch, probe_identities)
+
+#: Decoding threads of a worker: its reserved CPUs, clamped to this range; batches decoded ahead of the step.
+DECODE_THREADS = (2, 4)
+PREFETCH_BATCHES = 3
 
 CHECKPOINT_FILE = "train_state.pt"
 CHECKPOINT_FORMAT = "facemill.train-checkpoint"
@@ -86,8 +93,8 @@ class TrainConfig:
         epochs: total epochs (a resumed run trains up to this many).
         people_per_batch: P identities per worker per step.
         images_per_person: K images per identity.
-        steps_per_epoch: cap on steps per epoch, 0 = a full pass over the identities
-            (``num_train_identities // (workers * P)`` steps).
+        steps_per_epoch: cap on steps per epoch, 0 = a full pass over the smallest identity shard
+            (``min over workers of shard_identities // P`` steps, about ``num_train_identities // (workers * P)``).
         lr: peak learning rate of the backbone (AdamW).
         head_lr_multiplier: the classifier head, fresh at start, learns this much faster.
         weight_decay: AdamW decoupled weight decay of conv / linear weights (not of BN, PReLU, biases).
@@ -105,6 +112,8 @@ class TrainConfig:
         heldout_pairs_per_fold: at most this many pairs per fold (halved until the identities allow).
         far_target: FAR of the reported VAL.
         eval_batch_size: crops per forward pass when embedding the held-out faces.
+        augment: capture-condition augmentation (low resolution, JPEG, grayscale, blur, masks) drawn per
+            image before the flip, deterministic from (seed, epoch, step, rank); all off by default.
         run_id: recorded in the exported embedder's version ("" = generated, or reused on resume).
         storage_options: fsspec options for ``output`` (e.g. ``endpoint_url``).
     """
@@ -134,6 +143,7 @@ class TrainConfig:
     heldout_pairs_per_fold: int = 300
     far_target: float = 1e-3
     eval_batch_size: int = 128
+    augment: AugmentConfig = AugmentConfig()
     run_id: str = ""
     storage_options: tuple[tuple[str, str], ...] = ()
 
@@ -392,7 +402,13 @@ def verification_metrics(embeddings: np.ndarray, keys: np.ndarray, pairs: pd.Dat
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; ``config`` holds ``cfg`` (TrainConfig), ``split`` (IdentitySplit dict),
-    ``run_id`` and ``use_gpu`` (resolved bool)."""
+    ``run_id`` and ``use_gpu`` (resolved bool).
+
+    Data: the worker reads only its identity shard (crops kept as JPEG bytes) and decodes each step's batch
+    ahead of the step (:mod:`workers.training.stream`). Resumed on another number of workers, the shards and
+    steps per epoch, so the batches, change with W; the epoch counter and the learning-rate schedule (fractional
+    epochs), the weights, head, centers and optimizer continue from the checkpoint.
+    """
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -410,10 +426,15 @@ def train_loop_per_worker(config: dict) -> None:
     all_reduce = dist.all_reduce if distributed else None
     is_chief = rank == 0
 
-    train = load_faces(cfg.data, split.train)
-    sampler = PKSampler(train.labels, cfg.people_per_batch, cfg.images_per_person, world, rank, cfg.data.seed)
-    steps = sampler.steps_per_epoch if cfg.steps_per_epoch == 0 else min(cfg.steps_per_epoch,
-                                                                          sampler.steps_per_epoch)
+    shard = open_worker_shard(cfg.data, split, world, rank, cfg.people_per_batch, cfg.images_per_person,
+                              cfg.steps_per_epoch)
+    steps = shard.steps_per_epoch
+    threads = min(max(int(cfg.cpus_per_worker), DECODE_THREADS[0]), DECODE_THREADS[1])
+
+    def augment(crops: np.ndarray, epoch: int, step: int) -> np.ndarray:   # runs in the decoding threads
+        return augment_batch(crops, cfg.augment, cfg.data.seed, epoch, step, rank)
+
+    transform = augment if cfg.augment.enabled else None
 
     init = load_embedder(cfg.init)
     backbone = init.module
@@ -430,7 +451,7 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     start_epoch, run_id = 0, config["run_id"]
-    heldout_before = heldout_last = probe_before = None
+    heldout_before = heldout_last = probe_before = probe = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -438,14 +459,17 @@ def train_loop_per_worker(config: dict) -> None:
         _restore(state, net, optimizer, scheduler, scaler, split, cfg)
         start_epoch, run_id = int(state["epoch"]), state["run_id"] or run_id
         heldout_before, heldout_last = state["heldout_before"], state["heldout_last"]
-        probe_before = state["probe_before"]
+        probe_before, probe = state["probe_before"], state["sampler"].get("probe")
+    if probe is None:   # a fresh run: the probe is what the chief trains on first, kept for every resume
+        probe = {"identities": probe_identities(shard).tolist() if is_chief else [],
+                 "images_per_person": cfg.images_per_person}
 
     model = net
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    evaluator = _ChiefEvaluator(cfg, split, train, init.spec, device) if is_chief else None
+    evaluator = _ChiefEvaluator(cfg, split, probe, init.spec, device) if is_chief else None
     history = _read_history(cfg, start_epoch) if is_chief else []
     if is_chief and checkpoint is None:
         probe_before = evaluator.probe(net)
@@ -461,11 +485,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        for step in range(steps):
-            index = sampler.indices_for_step(epoch, step)
+        for ready in prefetch_batches(shard.faces, shard.sampler, epoch, steps, threads=threads,
+                                      depth=max(PREFETCH_BATCHES, threads), transform=transform):
+            step = ready.step
             generator = step_generator(cfg.data.seed, epoch, step, rank)
-            images = random_hflip(to_images(train.crops[index], device), generator)
-            labels = torch.from_numpy(train.labels[index]).to(device, non_blocking=True)
+            images = random_hflip(to_images(ready.crops, device), generator)
+            labels = torch.from_numpy(ready.labels).to(device, non_blocking=True)
             lr_factor = scheduler.set_progress(epoch + (step + 1) / steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 total, parts, features = model(images, labels, generator)
@@ -503,7 +528,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "sampler": {"seed": cfg.data.seed, "people_per_batch": cfg.people_per_batch,
-                                "images_per_person": cfg.images_per_person, "world_size": world},
+                                "images_per_person": cfg.images_per_person, "world_size": world,
+                                "probe": probe},
                     "identities": list(split.train), "run_id": run_id,
                     "init": {"name": init.spec.name, "version": init.spec.version, "kind": init.spec.kind},
                     "heldout_before": heldout_before, "heldout_last": heldout_last,
@@ -555,13 +581,12 @@ def _prefixed(prefix: str, values: dict) -> dict:
 class _ChiefEvaluator:
     """Rank 0's measurements: loss on a fixed probe batch and held-out verification."""
 
-    def __init__(self, cfg: TrainConfig, split: IdentitySplit, train: FaceSet, spec: ModelSpec,
+    def __init__(self, cfg: TrainConfig, split: IdentitySplit, probe: dict, spec: ModelSpec,
                  device: torch.device) -> None:
         self.cfg, self.spec, self.device = cfg, spec, device
-        probe_sampler = PKSampler(train.labels, cfg.people_per_batch, cfg.images_per_person, 1, 0, cfg.data.seed)
-        index = probe_sampler.indices_for_step(0, 0)
-        self.probe_images = to_images(train.crops[index], device)
-        self.probe_labels = torch.from_numpy(train.labels[index]).to(device)
+        crops, labels = probe_batch(cfg.data, split, probe["identities"], probe["images_per_person"])
+        self.probe_images = to_images(crops, device)
+        self.probe_labels = torch.from_numpy(labels).to(device)
         self.heldout_faces = load_faces(cfg.data, split.heldout) if split.heldout else None
         self.pairs = (heldout_protocol(self.heldout_faces, cfg.heldout_folds, cfg.heldout_pairs_per_fold,
                                        cfg.data.seed) if self.heldout_faces is not None else None)
@@ -686,6 +711,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         raise ValueError(f"{len(split.train)} training identities (with >= {cfg.data.min_faces} faces, after "
                          f"holding out {cfg.data.heldout_fraction:.0%} and excluding {len(split.excluded)}), "
                          f"need workers * people_per_batch = {needed}; lower --people-per-batch or --workers")
+    plan_shards(split, cfg.workers, cfg.people_per_batch, cfg.data.seed)   # every identity shard fills a step
     existing = checkpoints_in(cfg.output, opts)
     if cfg.resume and not existing:
         raise ValueError(f"--resume: no checkpoint under {storage.join(cfg.output, RAY_DIR, RAY_RUN_NAME)!r}")

@@ -1,22 +1,31 @@
 """FaceNet "people per batch" sampling: P identities x K images per worker per step.
 
-Every step of an epoch draws ``num_workers * P`` distinct identities from a per-epoch
-permutation of the eligible identities (those with at least two images); worker ``rank``
-takes its own slice of ``P`` of them, so the identities of one step are disjoint across
-workers. For each of its identities a worker then draws ``K`` images. Everything is
-deterministic from ``(seed, epoch, step, rank)``; all workers must share ``labels`` and
-``seed``.
+Two ways to keep the identities of one step disjoint across W data-parallel workers:
+
+* **Shared labels** (``PKSampler(labels, P, K, num_workers=W, rank=r)``): every worker holds every
+  label; every step draws ``W * P`` distinct identities from a per-epoch permutation and worker
+  ``rank`` takes its own slice of ``P``.
+* **Identity shards** (what training uses): :func:`shard_identities` gives each worker its own
+  identities, balanced by face count; each worker holds only its shard's faces and runs
+  ``PKSampler(shard_labels, P, K, num_workers=1, seed=shard_seed(seed, rank))``. All workers take
+  :func:`shard_steps` steps per epoch (the smallest shard's full steps), as DDP requires.
+
+For each of its identities a worker then draws ``K`` images. Everything is deterministic from
+``(seed, epoch, step, rank)`` (and, for shards, ``W``).
 
 Pure numpy; no Ray.
 """
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 
 import numpy as np
 
 _PERMUTATION_STREAM = 0
 _IMAGE_STREAM = 1
+_SHARD_STREAM = 2
+_SHARD_SEED_STREAM = 3
 
 
 class PKSampler:
@@ -40,7 +49,8 @@ class PKSampler:
         images_per_person: K, images per identity, >= 2.
         num_workers: W, data-parallel workers sharing the identities of a step, >= 1.
         rank: this worker, in [0, W).
-        seed: non-negative integer, identical on all workers.
+        seed: non-negative integer; with shared labels identical on all workers, with shards
+            :func:`shard_seed` of the rank.
 
     Raises:
         ValueError: bad shapes or values, or fewer than W * P eligible identities.
@@ -182,3 +192,89 @@ def _draw_local_positions(rng: np.random.Generator, counts: np.ndarray, k: int) 
         extra = np.minimum((rng.random((n.shape[0], k)) * n).astype(np.int64), n - 1)
         local[short] = np.where(columns < n, columns, extra)
     return local
+
+
+def shard_identities(counts: np.ndarray, num_workers: int, seed: int = 0) -> np.ndarray:
+    """Assign identities to ``num_workers`` disjoint shards, balanced by face count.
+
+    A seeded shuffle orders identities of equal count, then they go largest first to the worker
+    with the fewest faces so far (the lowest rank on ties): the LPT greedy. The worker that ends
+    with the most faces got its last identity while it had the fewest, so the loads differ by at
+    most the largest count.
+
+    Args:
+        counts: int[M] >= 0, faces of identity ``i`` (e.g. label ``i`` of ``split.train``).
+        num_workers: W >= 1.
+        seed: >= 0.
+
+    Returns:
+        int64[M], the worker of every identity, in [0, W); a function of ``(counts, W, seed)`` only.
+
+    Raises:
+        ValueError: counts not a 1-D array of non-negative integers, W < 1 or seed < 0.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or not (counts.size == 0 or np.issubdtype(counts.dtype, np.integer)) or \
+            (counts < 0).any():
+        raise ValueError(f"counts must be a 1-D array of non-negative integers, got shape {counts.shape} "
+                         f"dtype {counts.dtype}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    rng = np.random.default_rng([seed, _SHARD_STREAM, num_workers])
+    order = rng.permutation(counts.size)
+    order = order[np.argsort(-counts[order], kind="stable")]
+    owner = np.zeros(counts.size, dtype=np.int64)
+    if num_workers == 1:
+        return owner
+    loads = [(0, w) for w in range(num_workers)]   # a heap of (faces so far, worker)
+    for i, count in zip(order.tolist(), counts[order].tolist()):
+        load, worker = loads[0]
+        owner[i] = worker
+        heapq.heapreplace(loads, (load + count, worker))
+    return owner
+
+
+def shard_seed(seed: int, rank: int) -> int:
+    """Seed of worker ``rank``'s shard sampler: a non-negative int derived from ``(seed, rank)``."""
+    if seed < 0 or rank < 0:
+        raise ValueError(f"seed and rank must be >= 0, got {seed}, {rank}")
+    state = np.random.SeedSequence([seed, _SHARD_SEED_STREAM, rank]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def shard_steps(counts: np.ndarray, owner: np.ndarray, num_workers: int, people_per_batch: int,
+                cap: int = 0) -> int:
+    """Steps per epoch that every shard can take: the fewest full P-identity steps of any worker.
+
+    Args:
+        counts: int[M], faces of every identity.
+        owner: int[M] in [0, W), from :func:`shard_identities`.
+        num_workers: W.
+        people_per_batch: P >= 1.
+        cap: at most this many steps (0: no cap).
+
+    Returns:
+        ``min(min over workers of eligible_identities_w // P, cap)``, >= 1 (eligible: >= 2 faces,
+        as :class:`PKSampler` counts them).
+
+    Raises:
+        ValueError: a worker's shard has fewer than P eligible identities (the message lists the shards).
+    """
+    counts, owner = np.asarray(counts), np.asarray(owner)
+    if counts.shape != owner.shape or counts.ndim != 1:
+        raise ValueError(f"counts and owner must be 1-D of one length, got {counts.shape} and {owner.shape}")
+    if people_per_batch < 1:
+        raise ValueError(f"people_per_batch must be >= 1, got {people_per_batch}")
+    if owner.size and not 0 <= owner.min() <= owner.max() < num_workers:
+        raise ValueError(f"owner must be in [0, {num_workers}), got {owner.min()}..{owner.max()}")
+    eligible = np.bincount(owner[counts >= 2], minlength=num_workers)
+    full = eligible // people_per_batch
+    if full.min() < 1:
+        worker = int(np.argmin(full))
+        raise ValueError(f"worker {worker} of {num_workers} holds {int(eligible[worker])} identities with >= 2 "
+                         f"faces, fewer than people_per_batch = {people_per_batch} (identities per worker: "
+                         f"{eligible.tolist()}); lower --people-per-batch or --workers")
+    steps = int(full.min())
+    return min(steps, int(cap)) if cap > 0 else steps
