@@ -39,7 +39,6 @@ from workers.storage import StorageError
 
 MARKER_FILE = "_facemill.json"
 FORMAT = "delta"
-_OLD_LAYOUT = ("_committed", "images", "faces")   # schema 1: Parquet files + commit markers
 
 
 # --------------------------------------------------------------------------------------------------
