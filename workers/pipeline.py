@@ -368,8 +368,6 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
             storage.write_json(storage.join(cfg.output, "summary.json"), summary, opts)
             write_prepare_report(cfg.output, summary, rows, opts)  # never raises: a report is not worth a run
             dataset.vacuum(dataset.records_uri(cfg.output), opts)
-        else:
-            log(f"facemill prepare {run_id}: nothing to do, all {len(listed)} images are already in {cfg.output}")
     finally:
         if own:
             lease.release()
@@ -435,6 +433,11 @@ def _config_dict(cfg: PrepareConfig) -> dict:
 def print_summary(summary: dict, out=sys.stdout) -> None:
     """Human-readable summary lines."""
     s = summary
+    if s.get("nothing_to_do"):
+        print(f"facemill prepare {s['run_id']}: nothing to do, all {s['images_listed']} images are already in "
+              f"{s['output']} (records table version {s.get('table_version')}; summary.json and report.html "
+              f"are the last run's)", file=out)
+        return
     print(f"facemill prepare {s['run_id']}: {s['images_in']} images in "
           f"({s['images_already_done']} already done), {s['images_with_faces']} with faces, "
           f"{s['images_no_face']} no face, {s['images_error']} errors"
