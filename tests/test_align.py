@@ -21,10 +21,11 @@ def _similarity(n, seed):
 
 def test_umeyama_recovers_known_transforms_exactly_and_under_noise():
     m = _similarity(64, 0)
-    src = torch.rand(64, 5, 2, dtype=torch.float64) * 100
+    gen = torch.Generator().manual_seed(0)       # seeded: the global RNG made this test flaky
+    src = torch.rand(64, 5, 2, dtype=torch.float64, generator=gen) * 100
     dst = src @ m[:, :, :2].transpose(1, 2) + m[:, None, :, 2]
     assert torch.allclose(umeyama(src, dst), m, atol=1e-9)
-    noisy = dst + torch.randn_like(dst) * 0.01
+    noisy = dst + torch.randn(dst.shape, dtype=dst.dtype, generator=gen) * 0.01
     assert torch.allclose(umeyama(src, noisy), m, atol=0.05)
     assert torch.allclose(invert_affine(invert_affine(m)), m, atol=1e-9)
 

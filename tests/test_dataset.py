@@ -112,6 +112,23 @@ def test_check_output_refuses_foreign_and_old_folders(tmp_path):
     assert (user / "images" / "mine.jpg").read_bytes() == b"precious"
 
 
+def test_a_kill_between_the_marker_and_the_table_leaves_a_usable_dataset(tmp_path):
+    """The marker is written first: a folder with only the marker is this dataset, not a foreign folder."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / dataset.MARKER_FILE).write_text(json.dumps(
+        {"format": dataset.FORMAT, "schema_version": S.SCHEMA_VERSION, "embedding_dim": S.EMBEDDING_DIM}))
+    assert dataset.check_output(str(root))["embedding_dim"] == S.EMBEDDING_DIM
+    with pytest.raises(storage.StorageError, match="is not a facemill dataset"):
+        dataset.require_dataset(str(root))                            # no table yet: nothing to read
+    assert dataset.read_table(str(root), S.FACES).num_rows == 0
+    dataset.create_dataset(str(root), S.EMBEDDING_DIM)               # the next run completes it
+    dataset.commit_records(str(root), shard_rows(["/in/a/1.jpg"], [1], "s1"))
+    assert dataset.read_table(str(root), S.FACES).num_rows == 1
+    with pytest.raises(storage.StorageError, match="an embedder of 512-D cannot write into it"):
+        dataset.create_dataset(str(root), 512)
+
+
 def test_files_to_do_follows_fingerprints_settings_and_error_kinds():
     listed = pd.DataFrame({S.URI: list("abcdefg"), S.FINGERPRINT: ["1", "2", "3", "4", "5", "6", None]})
     done = pd.DataFrame({

@@ -88,12 +88,8 @@ def delta_options(uri: str, storage_options: dict | None = None) -> dict[str, st
     return out
 
 
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else os.path.abspath(uri)
-
-
 def _table_uri(uri: str) -> str:
-    return uri if storage.is_remote(uri) else _local_path(uri)
+    return uri if storage.is_remote(uri) else os.path.abspath(storage.local_path(uri))
 
 
 def _open(uri: str, storage_options: dict | None):

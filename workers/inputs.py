@@ -27,7 +27,7 @@ import pandas as pd
 
 import schemas as S
 from workers.decode import IMAGE_EXTENSIONS
-from workers.storage import StorageError, permanent_error, unstrip, url_to_fs
+from workers.storage import StorageError, is_remote, local_path, permanent_error, unstrip, url_to_fs
 
 SIZE = S.LISTING_SIZE
 SKIP_EXTENSION = "not_an_image_extension"
@@ -57,14 +57,6 @@ def _fingerprint(info: dict[str, Any]) -> str:
 
 def _local_fingerprint(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
 def _one_line(exc: BaseException) -> str:
@@ -117,7 +109,7 @@ def list_inputs(input_uri: str, storage_options: dict | None = None
         raise StorageError(f"input {input_uri!r} does not exist")
     if path.lower().endswith((".csv", ".parquet")) and not fs.isdir(path):
         return _read_manifest(input_uri, fs, path, storage_options)
-    local = _is_local(input_uri)
+    local = not is_remote(input_uri)
     rows, skipped = _list_local(input_uri, fs, path) if local else _list_remote(input_uri, fs, path)
     if not rows[0]:
         counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())) or "nothing else"
@@ -224,7 +216,7 @@ def _read_manifest(input_uri: str, fs, path: str, storage_options: dict | None
         shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
         raise StorageError(f"manifest {input_uri!r} has {len(empty)} empty {S.MANIFEST_URI!r} "
                            f"cell{'s' if len(empty) > 1 else ''} (rows {shown}, counting data rows from 1)")
-    remote = "://" in input_uri and not input_uri.startswith("file://")
+    remote = is_remote(input_uri)
     base = input_uri.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
     uris = []
     for c in cells:
@@ -262,9 +254,9 @@ def _stat_uris(uris: list[str], storage_options: dict | None) -> tuple[list, lis
     fingerprints: list = [None] * len(uris)
     by_scheme: dict[str, list[int]] = defaultdict(list)
     for i, uri in enumerate(uris):
-        if _is_local(uri):
+        if not is_remote(uri):
             try:
-                st = os.stat(_local_path(uri))
+                st = os.stat(local_path(uri))
             except OSError:
                 continue
             sizes[i], fingerprints[i] = st.st_size, _local_fingerprint(st)
@@ -367,11 +359,11 @@ def read_many(uris: list[str], storage_options: dict | None = None, retries: int
     todo = list(range(len(uris)))
     remote_fs: dict[str, Any] = {}
     for attempt in range(retries + 1):
-        for i in (i for i in todo if _is_local(uris[i])):
-            out[i] = _read_local(_local_path(uris[i]), max_bytes)
+        for i in (i for i in todo if not is_remote(uris[i])):
+            out[i] = _read_local(local_path(uris[i]), max_bytes)
         by_scheme: dict[str, list[int]] = defaultdict(list)
         for i in todo:
-            if not _is_local(uris[i]):
+            if is_remote(uris[i]):
                 by_scheme[uris[i].split("://", 1)[0]].append(i)
         for scheme, idx in by_scheme.items():
             if scheme not in remote_fs:

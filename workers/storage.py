@@ -41,6 +41,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file://`` URL."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def join(root: str, *parts: str) -> str:
     """Join path parts under a local path or URL."""
     return posixpath.join(root.rstrip("/"), *parts) if "://" in root else os.path.join(root, *parts)
@@ -84,7 +89,7 @@ def put_atomic(uri: str, data: bytes, storage_options: dict | None = None, retri
     fs, path = url_to_fs(uri, storage_options)
     for attempt in range(retries + 1):
         try:
-            if "://" in uri and not uri.startswith("file://"):
+            if is_remote(uri):
                 fs.pipe_file(path, data)  # one PUT: S3 objects appear atomically
             else:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
