@@ -16,7 +16,8 @@ def parse_args(argv=None):
     from workers.faces.align import AlignConfig
     from workers.faces.engine import EngineConfig
     from workers.faces.mtcnn import MTCNNConfig
-    from workers.pipeline import PrepareConfig, new_run_id
+    from workers.pipeline import PrepareConfig
+    from workers.runs import new_run_id
 
     m, a, d = MTCNNConfig(), AlignConfig(), DecodeConfig()
     p = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.splitlines()[0])

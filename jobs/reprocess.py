@@ -58,7 +58,7 @@ def parse_args(argv=None):
     reembed.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default=d.precision,
                          help="embedder precision (float16: CUDA only)")
     args, rest = p.parse_known_args(argv)
-    from workers.pipeline import new_run_id
+    from workers.runs import new_run_id
 
     args.run_id = args.run_id or submission_id() or new_run_id()
     if args.incremental:

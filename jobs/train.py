@@ -18,7 +18,7 @@ from jobs._common import connect_ray, fail, storage_options
 
 def parse_args(argv=None):
     from workers.training.data import DataConfig
-    from workers.training.loop import USE_GPU_CHOICES, TrainConfig
+    from workers.training.config import PRECISIONS, USE_GPU_CHOICES, TrainConfig
     from workers.training.losses import LossConfig
     from workers.training.mining import MINING_MODES
 
@@ -55,6 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", type=int, default=t.keep_checkpoints)
     p.add_argument("--augment", default="", help="capture-condition augmentation probabilities, e.g. "
                    "lowres=0.5,jpeg=0.3,gray=0.2,mask=0.3,blur=0.2 (ranges: workers/training/augment.py)")
+    p.add_argument("--distill-weight", type=float, default=t.distill_weight,
+                   help="weight of 1 - cos(f(augmented), f0(clean)) against the frozen starting model (0: off)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep the starting model's BatchNorm statistics")
+    p.add_argument("--precision", choices=PRECISIONS, default=t.precision,
+                   help="autocast of the forward pass: auto = bfloat16/float16 on CUDA, float32 on CPU; bfloat16 "
+                        "is ~2x faster on CPUs with AVX512-BF16/AMX")
+    p.add_argument("--heldout-degrade", default="", help="comma-separated domains measured on the held-out pairs "
+                   "besides clean every epoch, e.g. lowres:16,jpeg:10+gray,mask")
     p.add_argument("--run-id", default="")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
@@ -77,7 +85,10 @@ def parse_args(argv=None):
             warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, freeze_stages=args.freeze_stages,
             init=args.init, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, resume=args.resume,
             max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, run_id=args.run_id,
-            augment=parse_augment(args.augment), storage_options=opts)
+            augment=parse_augment(args.augment), distill_weight=args.distill_weight, freeze_bn=args.freeze_bn,
+            precision=args.precision,
+            heldout_degrade=tuple(d.strip() for d in args.heldout_degrade.split(",") if d.strip()),
+            storage_options=opts)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args
@@ -88,7 +99,7 @@ def main(argv=None) -> dict:
 
     from workers.faces.weights import WeightsNotFound
     from workers.storage import StorageError
-    from workers.training.loop import run_training
+    from workers.training.run import run_training
 
     cfg, args = parse_args(argv)
     connect_ray(args.local_cpus)

@@ -69,6 +69,16 @@ def test_views_have_the_view_schemas_and_one_commit_replaces_an_image_whole(root
     assert dataset.read_table(root, S.FACES).num_rows == 4
 
 
+def test_a_commit_of_too_many_uris_is_refused_before_delta_rs_sees_it(tmp_path):
+    root = str(tmp_path / "ds")
+    dataset.create_dataset(root, 128)
+    n = dataset.MAX_COMMIT_URIS + 1
+    rows = pa.table({S.URI: [f"/x/{i:06d}.jpg" for i in range(n)]})
+    with pytest.raises(ValueError, match=f"at most {dataset.MAX_COMMIT_URIS} images, got {n}"):
+        dataset.commit_records(root, rows)
+    assert dataset.read_table(root, S.IMAGES).num_rows == 0
+
+
 def test_other_readers_see_the_same_rows(root):
     """deltalake directly, and DuckDB over the table's Arrow dataset, agree with facemill's reader."""
     import duckdb

@@ -206,9 +206,19 @@ def test_parse_augment_and_its_errors():
                           ("gray=1.5", r"probability of 'gray' must be in \[0, 1\], got '1.5'"),
                           ("gray=-0.1", "got '-0.1'"), ("gray=abc", "must be a number, got 'abc'"),
                           ("gray", "malformed augment item 'gray'"), ("gray=0.1,,", "malformed augment item ''"),
-                          ("gray=0.1,gray=0.2", "'gray' repeated")]:
+                          ("gray=0.1,gray=0.2", "'gray' repeated"),
+                          ("gray=0.2@1-2", "only lowres, jpeg, blur take a range"),
+                          ("lowres=0.5@12", "range of 'lowres' must be lo-hi"),
+                          ("lowres=0.5@1.5-3", "range of 'lowres' must be lo-hi"),
+                          ("lowres=0.5@32-12", r"lowres_px must be \(lo, hi\)")]:
         with pytest.raises(ValueError, match=message):
             parse_augment(text)
+
+
+def test_parse_augment_sets_parameter_ranges():
+    cfg = parse_augment("lowres=0.7@12-32,jpeg=0.3@5-20,blur=0.1@0.5-1.5,gray=0.2")
+    assert cfg == AugmentConfig(lowres=0.7, jpeg=0.3, blur=0.1, gray=0.2, lowres_px=(12, 32),
+                                jpeg_quality=(5, 20), blur_sigma=(0.5, 1.5))
 
 
 def test_augment_config_rejects_bad_fields():

@@ -230,7 +230,9 @@ def test_poison_data_at_scale(tmp_path, fault_log):
 def test_train_worker_killed_mid_run_resumes_from_checkpoint(ray_session, prepared_lfw, tmp_path, fault_log):
     from workers.training.data import DataConfig
     from workers.training.losses import LossConfig
-    from workers.training.loop import METRICS_FILE, TrainConfig, checkpoints_in, run_training
+    from workers.training.checkpoint import checkpoints_in
+    from workers.training.config import METRICS_FILE, TrainConfig
+    from workers.training.run import run_training
 
     root, _ = prepared_lfw
     images = dataset.read_table(str(root), S.IMAGES).to_pandas()

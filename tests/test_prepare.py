@@ -97,7 +97,7 @@ def test_bad_files_are_recorded_not_fatal(ray_session, tmp_path):
 
 
 def test_actor_threads_and_cpu_headroom_rules():
-    from workers.pipeline import actor_threads, check_cpu_headroom, write_task_cpus
+    from workers.graph import actor_threads, check_cpu_headroom, write_task_cpus
 
     assert actor_threads(3, 1.0, 0.0, 1, [2.0]) == 3                   # asked for
     assert actor_threads(0, 1.0, 0.0, 1, [2.0]) == 2                   # laptop: one actor takes both cores
@@ -186,3 +186,7 @@ def test_bad_arguments_fail_fast_with_one_line(tmp_path):
     assert unknown.returncode == 2 and "unknown embedder" in unknown.stderr
     bad_cfg = _cli("--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--min-face-size", "4")
     assert bad_cfg.returncode == 2 and "min_face_size" in bad_cfg.stderr
+    # A shard is one Delta commit whose predicate lists its uris; delta-rs crashes the process on ~25k of them.
+    huge = _cli("--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--shard-size", "30000")
+    assert huge.returncode == 2 and "shard_size must be in [1, 10000]" in huge.stderr
+    assert len(huge.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

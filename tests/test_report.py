@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import schemas as S
-from workers import dataset, report, storage
+from workers import dataset, plots, report, storage
 from workers.faces.align import AlignConfig
 
 DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
@@ -157,7 +157,7 @@ def test_evaluate_page(tmp_path):
     acc = V.kfold_accuracy(scores, same, folds)
     val = V.val_at_far(scores, same, 1e-2, folds=folds)
     auc = V.roc_auc(scores, same)
-    png = V.plot_roc({"sface": V.roc_curve(scores, same)}, tmp_path / "roc.png").read_bytes()
+    png = plots.plot_roc({"sface": V.roc_curve(scores, same)}, tmp_path / "roc.png").read_bytes()
     result = {"run_id": "eval-1", "embedder": "sface", "dataset": "lfw", "accuracy": acc, "val_at_far": val,
               "auc": auc, "num_pairs": 600}
     uri = report.write_evaluate_report(str(tmp_path), result, png, None)

@@ -16,10 +16,12 @@ import torch
 import schemas as S
 from workers.dataset import read_table
 from workers.training.data import DataConfig, load_faces, plan_split, read_face_index, split_faces
-from workers.training.loop import (
-    CHECKPOINT_FILE, CURVES_FILE, EMBEDDER_DIR, HELDOUT_FILE, METRICS_FILE, RAY_DIR, RAY_RUN_NAME, RUN_FILE,
-    SPLIT_FILE, TrainConfig, checkpoints_in, load_checkpoint_state, run_training, save_checkpoint_state,
-    warmup_cosine)
+from workers.training.checkpoint import (
+    CHECKPOINT_FILE, RAY_DIR, RAY_RUN_NAME, checkpoints_in, load_checkpoint_state, save_checkpoint_state)
+from workers.training.config import (
+    CURVES_FILE, EMBEDDER_DIR, HELDOUT_FILE, METRICS_FILE, RUN_FILE, SPLIT_FILE, TrainConfig)
+from workers.training.run import run_training
+from workers.training.schedule import warmup_cosine
 from workers.training.losses import LossConfig
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from workers import plots
 from workers.evaluation import verification as v
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
@@ -403,7 +404,7 @@ def test_plot_roc_writes_png(tmp_path):
     same = rng.random(200) < 0.5
     curves = {"good": v.roc_curve(rng.normal(size=200) + 2 * same, same),
               "chance": v.roc_curve(rng.normal(size=200), same)[:2]}
-    path = v.plot_roc(curves, tmp_path / "sub" / "roc.png", title="test")
+    path = plots.plot_roc(curves, tmp_path / "sub" / "roc.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log_path = v.plot_roc(curves, tmp_path / "roc_log.png", log_fpr=True)
+    log_path = plots.plot_roc(curves, tmp_path / "roc_log.png", log_fpr=True)
     assert log_path.stat().st_size > 1000

@@ -229,18 +229,29 @@ def _retrying(write, what: str, attempts: int = 12) -> None:
             time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
 
+#: Most uris one commit may replace: the predicate lists them, and delta-rs 1.6 crashes the process (SIGSEGV)
+#: on an ``IN`` list of about 25,000 or more (seen at 30,000; 20,000 worked).
+MAX_COMMIT_URIS = 10_000
+
+
 def commit_records(root: str, rows: pa.Table, storage_options: dict | None = None) -> None:
     """Replace every row of the uris in ``rows`` by ``rows``, in one Delta transaction.
 
     Args:
         root: dataset root (created with :func:`create_dataset`).
         rows: records rows (``schemas.records_schema``) of one shard: every image row and face row of its uris.
+
+    Raises:
+        ValueError: more than :data:`MAX_COMMIT_URIS` uris (a shard that large must be cut smaller).
     """
     from deltalake import write_deltalake
 
     if rows.num_rows == 0:
         return
     uris = sorted(set(rows.column(S.URI).to_pylist()))
+    if len(uris) > MAX_COMMIT_URIS:
+        raise ValueError(f"one commit may replace at most {MAX_COMMIT_URIS} images, got {len(uris)}; "
+                         f"use a smaller shard size")
     predicate = (f"{S.URI} >= {_literal(uris[0])} AND {S.URI} <= {_literal(uris[-1])} AND "
                  f"{S.URI} IN ({', '.join(_literal(u) for u in uris)})")
     dim = _list_width(rows, S.EMBEDDING) or S.EMBEDDING_DIM

@@ -15,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import sys
 import time
-import uuid
 from collections import Counter
 
 import numpy as np
@@ -29,7 +27,9 @@ from workers import dataset, inputs, storage
 from workers.actors import ActorConfig, FaceActor, decode_shard, write_shard
 from workers.decode import DecodeConfig
 from workers.faces.engine import EngineConfig
+from workers.graph import PoolSettings, Stage, check_cluster, plan_pool, run_shard_graph
 from workers.report import write_prepare_report
+from workers.runs import check_run_id, config_dict, new_run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class PrepareConfig:
         crop_quality: JPEG quality of stored crops.
         storage_options: fsspec options for input and output (e.g. endpoint_url).
         run_id: recorded in every row ("" = generated): letters, digits, ``.``, ``_``, ``-``.
-        torch_threads: intra-op threads per actor (0: see :func:`actor_threads`).
+        torch_threads: intra-op threads per actor (0: see :func:`workers.graph.actor_threads`).
         retry_errors: reprocess every error row, not only transient ones (``schemas.TRANSIENT_ERRORS``).
         shared_fs: local --input/--output paths are on a filesystem every Ray node sees (a shared mount).
     """
@@ -75,10 +75,10 @@ class PrepareConfig:
     shared_fs: bool = False
 
     def __post_init__(self):
-        check_pool_settings(self.actors, self.gpus_per_actor, self.cpus_per_actor, self.torch_threads,
-                            self.shards_per_call, self.device)
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        self.pool  # validates the pool settings
+        if not 1 <= self.shard_size <= dataset.MAX_COMMIT_URIS:
+            raise ValueError(f"shard_size must be in [1, {dataset.MAX_COMMIT_URIS}] (one shard is one commit), "
+                             f"got {self.shard_size}")
         if not 1 <= self.crop_quality <= 100:
             raise ValueError(f"crop_quality must be in [1, 100], got {self.crop_quality}")
         check_run_id(self.run_id)
@@ -86,44 +86,12 @@ class PrepareConfig:
 
         check_precision(self.engine.embed_precision, None if self.device == "auto" else self.device)
 
-
-def check_pool_settings(actors: int, gpus_per_actor: float, cpus_per_actor: float, torch_threads: int,
-                        shards_per_call: int, device: str) -> None:
-    """Validate the actor-pool settings shared by every stage.
-
-    Raises:
-        ValueError: naming the first bad value.
-    """
-    if actors < 0:
-        raise ValueError(f"actors must be >= 0 (0: one per GPU, or 1 on CPU), got {actors}")
-    if not 0 < gpus_per_actor <= 8:
-        raise ValueError(f"gpus_per_actor must be in (0, 8], got {gpus_per_actor}")
-    if not 0 < cpus_per_actor <= 256:
-        raise ValueError(f"cpus_per_actor must be in (0, 256], got {cpus_per_actor}")
-    if torch_threads < 0:
-        raise ValueError(f"torch_threads must be >= 0 (0: automatic), got {torch_threads}")
-    if shards_per_call < 1:
-        raise ValueError(f"shards_per_call must be >= 1, got {shards_per_call}")
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-
-
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
-
-
-def check_run_id(run_id: str) -> None:
-    """Run ids name files under ``<root>/_runs/``: one plain name, never a path.
-
-    Raises:
-        ValueError: the id holds anything but letters, digits, ``.``, ``_``, ``-`` (or is too long).
-    """
-    if run_id and not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"run_id must be 1-80 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
-                         f"got {run_id!r}")
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    @property
+    def pool(self) -> PoolSettings:
+        """The face actors' pool settings."""
+        return PoolSettings(actors=self.actors, gpus_per_actor=self.gpus_per_actor,
+                            cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
+                            shards_per_call=self.shards_per_call, device=self.device)
 
 
 def settings_digest(cfg: "PrepareConfig", embedder_name: str, embedder_version: str) -> str:
@@ -176,120 +144,6 @@ def files_to_do(listed: pd.DataFrame, done: pd.DataFrame, settings: str, retry_e
     error = m["_status"] == S.STATUS_ERROR
     retry = error & (m["_error"].isin(S.TRANSIENT_ERRORS) | retry_errors)
     return listed[(~same | retry).to_numpy()].reset_index(drop=True)
-
-
-def actor_resources(actors: int, gpus_per_actor: float, device: str) -> tuple[int, float]:
-    """(actors, GPUs per actor) on the connected cluster: one actor per GPU share where it has GPUs and the
-    device allows them, else ``actors`` (default 1) CPU actors."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
-    if gpus:
-        return actors or max(1, int(gpus // gpus_per_actor)), gpus_per_actor
-    return actors or 1, 0.0
-
-
-def check_cluster(paths: list[str], device: str, precision: str, shared_fs: bool) -> None:
-    """What only the connected Ray cluster can tell, checked before any work.
-
-    Raises:
-        ValueError: ``--device cuda`` or float16 on a cluster without GPUs; local paths on a cluster of
-            several nodes (the other nodes would not see them) without ``shared_fs``.
-    """
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "cuda" and not gpus:
-        raise ValueError("--device cuda, but the Ray cluster has no GPU; use --device auto or cpu")
-    if precision == "float16" and (device == "cpu" or not gpus):
-        raise ValueError("--embed-precision float16 needs CUDA and the Ray cluster has no GPU; use float32 "
-                         "or bfloat16")
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    local = [p for p in paths if p and not storage.is_remote(p)]
-    if nodes > 1 and local and not shared_fs:
-        raise ValueError(f"the Ray cluster has {nodes} nodes, but {local[0]!r} is a local path the other nodes "
-                         f"may not see; use s3:// (or a shared mount, and pass --shared-fs)")
-
-
-def alive_node_cpus() -> list[float]:
-    """CPUs of each alive node of the connected Ray cluster."""
-    import ray
-
-    return [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-
-
-def actor_threads(requested: int, cpus_per_actor: float, gpus_per_actor: float, actors: int,
-                  node_cpus: list[float]) -> int:
-    """Torch intra-op threads of each face actor.
-
-    ``requested`` when set. Otherwise the actor's reserved CPUs, except on a single CPU-only node (a
-    laptop, the embedded local Ray), where the actors share all of the node's cores: one actor on
-    2 cores ran the LFW prepare at 29.4 img/s with 2 threads against 21.5 with 1 (docs/performance.md).
-    """
-    if requested:
-        return requested
-    own = max(1, int(cpus_per_actor))
-    if gpus_per_actor or len(node_cpus) != 1:
-        return own
-    return max(own, int(node_cpus[0] // max(1, actors)))
-
-
-def check_cpu_headroom(actors: int, cpus_per_actor: float, task_cpus: float, cluster_cpus: float) -> None:
-    """Refuse an actor pool that would leave too few CPUs for the read/decode tasks that feed it: Ray
-    would wait for them forever.
-
-    Ray Data fuses decode into the face actor only when both ask for the same resources (CPU-only runs
-    with one CPU per actor; then ``task_cpus`` is 0); otherwise decode runs as separate tasks beside them.
-
-    Args:
-        actors: actors in the pool.
-        cpus_per_actor: CPUs each reserves.
-        task_cpus: CPUs one feeding task needs.
-        cluster_cpus: CPUs of the cluster now.
-
-    Raises:
-        ValueError: the actors leave less than ``task_cpus`` free.
-    """
-    reserved = actors * cpus_per_actor
-    if task_cpus and reserved > cluster_cpus - task_cpus:
-        raise ValueError(f"{actors} actor(s) x {cpus_per_actor:g} CPUs reserve {reserved:g} of the cluster's "
-                         f"{cluster_cpus:g} CPUs, leaving less than the {task_cpus:g} its read/decode tasks need; "
-                         f"lower --actors or --cpus-per-actor")
-
-
-WRITE_TASK_CPUS = 0.5
-
-
-def write_task_cpus(reserved: float, feeding_cpus: float, cluster_cpus: float) -> float:
-    """CPUs each write task asks for: ``WRITE_TASK_CPUS``, or what the actors and one feeding task leave
-    free, down to 0.
-
-    A write task that cannot be scheduled while the actors live stops the stream: every result then
-    waits in the object store until the last actor exits (seen: ``--actors 2`` on 2 CPUs wrote nothing
-    for 60 s, then all 16 shards at once). Writes are light (JPEG-encode the crops, one Parquet file
-    per shard), so running them beside the actors without a reservation costs little.
-
-    Args:
-        reserved: CPUs the actor pool reserves.
-        feeding_cpus: CPUs one read/decode task needs (0 when decode is fused into the actors).
-        cluster_cpus: CPUs of the cluster now.
-    """
-    return max(0.0, min(WRITE_TASK_CPUS, cluster_cpus - reserved - feeding_cpus))
-
-
-def plan_actor_pool(actors: int, cpus_per_actor: float, gpus_per_actor: float, feeding_cpus: float,
-                    torch_threads: int) -> tuple[int, float]:
-    """Check an actor pool against the connected Ray cluster before any work (:func:`check_cpu_headroom`).
-
-    Returns:
-        (torch threads per actor (:func:`actor_threads`), CPUs per write task (:func:`write_task_cpus`)).
-    """
-    import ray
-
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    check_cpu_headroom(actors, cpus_per_actor, feeding_cpus, cluster_cpus)
-    threads = actor_threads(torch_threads, cpus_per_actor, gpus_per_actor, actors, alive_node_cpus())
-    return threads, write_task_cpus(actors * cpus_per_actor, feeding_cpus, cluster_cpus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +216,7 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
         version = dataset.table_version(dataset.records_uri(cfg.output), opts)
         summary = _summarise(cfg, run_id, rows, len(listed), len(listed) - len(todo), checked.skipped, t0)
         summary.update(settings=settings, table_version=version, nothing_to_do=not shards)
-        record = {**summary, "config": _config_dict(cfg)}
+        record = {**summary, "config": config_dict(cfg)}
         storage.write_json(storage.join(cfg.output, storage.RUNS, f"{run_id}.json"), record, opts)
         if shards:  # a run that did nothing leaves the last real run's summary and report in place
             storage.write_json(storage.join(cfg.output, "summary.json"), summary, opts)
@@ -375,25 +229,16 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
 
 
 def _run_graph(cfg: PrepareConfig, shards: list[dict], settings: str, opts: dict, log, lease) -> list[dict]:
-    import ray
-
-    actors, gpus = actor_resources(cfg.actors, cfg.gpus_per_actor, cfg.device)
-    fused = not gpus and cfg.cpus_per_actor == 1  # decode then runs inside the actors
-    threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, 0.0 if fused else 1.0,
-                                          cfg.torch_threads)
+    pool = cfg.pool
+    plan = plan_pool(pool, feeding_cpus=1.0, fused_on_cpu=cfg.cpus_per_actor == 1)  # decode asks for 1 CPU
     actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=cfg.run_id,
-                            settings=settings, torch_threads=threads)
-    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
-    ds = ds.map(decode_shard, fn_kwargs={"storage_options": opts, "decode": cfg.decode}, num_cpus=1)
-    ds = ds.map_batches(FaceActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
-    ds = ds.map(write_shard, fn_kwargs={"output": cfg.output, "storage_options": opts,
-                                        "crop_size": cfg.engine.align.size, "crop_quality": cfg.crop_quality},
-                num_cpus=write_cpus)
+                            settings=settings, torch_threads=plan.threads)
+    read = Stage(decode_shard, {"storage_options": opts, "decode": cfg.decode}, cpus=1)
+    commit = Stage(write_shard, {"output": cfg.output, "storage_options": opts, "crop_size": cfg.engine.align.size,
+                                 "crop_quality": cfg.crop_quality})
     rows, n_img, t0, last = [], 0, time.time(), 0.0
     total = sum(len(s["uris"]) for s in shards)
-    for row in ds.iter_rows():
+    for row in run_shard_graph(shards, read, FaceActor, actor_cfg, pool, plan, commit):
         lease.check()  # a run that lost its lease stops here
         rows.append(row)
         n_img += row["images"]
@@ -424,10 +269,6 @@ def _summarise(cfg, run_id, rows, listed, already, skipped, t0) -> dict:
         "median_face_size_px": float(np.median(sizes)) if sizes.size else None,
         "wall_time_s": round(wall, 3), "images_per_s": round(n / wall, 2) if wall > 0 else None,
     }
-
-
-def _config_dict(cfg: PrepareConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def print_summary(summary: dict, out=sys.stdout) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 import schemas as S
-from workers import storage
+from workers import plots, storage
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +261,7 @@ def _throughput_png(rows: list, overall: float | None) -> bytes | str:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return plots.png_bytes(fig)
 
 
 def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False, fmt: str = ".1f") -> bytes | str:
@@ -283,7 +282,7 @@ def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False, 
     ax.set_title(f"{title} (n={values.size:,})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return plots.png_bytes(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,19 +521,9 @@ def _details_table(result: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.6, 3.2), dpi=100)   # fixed margins: a layout engine would draw twice
-    FigureCanvasAgg(fig)
+    fig = plots.new_figure((4.6, 3.2))   # fixed margins: a layout engine would draw twice
     fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)
     return fig, fig.add_subplot()
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def _data_uri(png: bytes) -> str:

@@ -19,7 +19,6 @@ reprocess ever work on one dataset at once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -28,8 +27,12 @@ import pyarrow as pa
 
 import schemas as S
 from workers import dataset, records, storage
+from workers.graph import PoolSettings, Stage, check_cluster, plan_pool, run_shard_graph
+from workers.runs import check_run_id, config_dict, new_run_id
 
 _META_COLUMNS = [S.IMAGE_ID, S.URI, S.IDENTITY, S.SHARD, S.FACE_INDEX]
+#: CPUs of a read_crops task (reading and decoding a shard's stored JPEG crops is light).
+READ_CPUS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,7 @@ class ReembedConfig:
         batch_size: crops per forward pass (0: by device, see ``embedders.default_embed_batch``).
         precision: embedder precision, "float32", "bfloat16" or "float16" (CUDA); see
             ``EngineConfig.embed_precision``.
-        torch_threads: intra-op threads per actor (0: ``workers.pipeline.actor_threads``).
+        torch_threads: intra-op threads per actor (0: ``workers.graph.actor_threads``).
         storage_options: fsspec options.
         run_id: recorded in every row ("" = generated).
         shared_fs: a local root is on a filesystem every Ray node sees.
@@ -71,16 +74,21 @@ class ReembedConfig:
 
     def __post_init__(self):
         from workers.faces.embedders import check_precision
-        from workers.pipeline import check_pool_settings, check_run_id
 
-        check_pool_settings(self.actors, self.gpus_per_actor, self.cpus_per_actor, self.torch_threads,
-                            self.shards_per_call, self.device)
+        self.pool  # validates the pool settings
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0: by device), got {self.batch_size}")
         check_precision(self.precision, None if self.device == "auto" else self.device)
         check_run_id(self.run_id)
         if self.name:
             dataset.embeddings_uri("", self.name)  # validates the name
+
+    @property
+    def pool(self) -> PoolSettings:
+        """The embed actors' pool settings."""
+        return PoolSettings(actors=self.actors, gpus_per_actor=self.gpus_per_actor,
+                            cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
+                            shards_per_call=self.shards_per_call, device=self.device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +259,6 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
     """
     from workers.faces.embedders import load_embedder
     from workers.lease import take_lease
-    from workers.pipeline import check_cluster, new_run_id
 
     t0 = time.time()
     opts = dict(cfg.storage_options)
@@ -290,7 +297,7 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
             storage.write_json(storage.join(eroot, "summary.json"), summary, opts)
             dataset.vacuum(eroot, opts)
         storage.write_json(storage.join(cfg.root, storage.RUNS, f"{run_id}.json"),
-                           {**summary, "config": _config_dict(cfg)}, opts)
+                           {**summary, "config": config_dict(cfg)}, opts)
     finally:
         if own:
             lease.release()
@@ -298,23 +305,12 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
 
 
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
-    import ray
-
-    from workers.pipeline import actor_resources, plan_actor_pool
-
-    actors, gpus = actor_resources(cfg.actors, cfg.gpus_per_actor, cfg.device)
-    read_cpus = 0.5
-    threads, write_cpus = plan_actor_pool(actors, cfg.cpus_per_actor, gpus, read_cpus, cfg.torch_threads)
+    plan = plan_pool(cfg.pool, feeding_cpus=READ_CPUS)
     actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
-                                 precision=cfg.precision, run_id=run_id, torch_threads=threads)
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map(read_crops, fn_kwargs={"root": cfg.root, "storage_options": opts}, num_cpus=read_cpus)
-    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"config": actor_cfg}, batch_size=cfg.shards_per_call,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_gpus=gpus or None, num_cpus=cfg.cpus_per_actor)  # Ray Data restarts dead actors
-    ds = ds.map(write_embeddings, fn_kwargs={"root": cfg.root, "name": name, "storage_options": opts},
-                num_cpus=write_cpus)
-    return list(ds.iter_rows())
+                                 precision=cfg.precision, run_id=run_id, torch_threads=plan.threads)
+    read = Stage(read_crops, {"root": cfg.root, "storage_options": opts}, cpus=READ_CPUS)
+    commit = Stage(write_embeddings, {"root": cfg.root, "name": name, "storage_options": opts})
+    return list(run_shard_graph(todo, read, EmbedActor, actor_cfg, cfg.pool, plan, commit))
 
 
 def run_incremental(cfg, log=print, lease=None, checked=None) -> dict:
@@ -334,7 +330,3 @@ def run_incremental(cfg, log=print, lease=None, checked=None) -> dict:
         log(f"facemill reprocess {summary['run_id']}: nothing to do ({summary['images_listed']} images listed, "
             f"all already processed and unchanged)")
     return summary
-
-
-def _config_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

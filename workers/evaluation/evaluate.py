@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 import schemas as S
-from workers import dataset, storage
+from workers import dataset, plots, storage
 from workers.evaluation import verification as V
 
 KEY_PATH = "path"          # pair keys are "<identity>/<file>" (the uri's last two components)
@@ -240,7 +240,8 @@ def image_embeddings(root: str, embeddings: str = "", storage_options: dict | No
         embedder: the model for ``degrade``.
 
     Returns:
-        dict with ``path_keys`` and ``image_ids`` (object[M] each, unique), ``embeddings``
+        dict with ``path_keys`` and ``image_ids`` (object[M] each, unique), ``face_index`` (int[M], the
+        chosen face of each image), ``embeddings``
         float32[M, D], ``embedder`` (sorted list of "name@version" in the table), ``faces`` (rows read)
         and ``duplicate_keys`` (images dropped because another uri had the same path key).
 
@@ -265,7 +266,7 @@ def image_embeddings(root: str, embeddings: str = "", storage_options: dict | No
     n = faces.num_rows
     if n == 0:
         dim = S.EMBEDDING_DIM
-        return {"path_keys": np.zeros(0, object), "image_ids": np.zeros(0, object),
+        return {"path_keys": np.zeros(0, object), "image_ids": np.zeros(0, object), "face_index": np.zeros(0, int),
                 "embeddings": np.zeros((0, dim), np.float32), "embedder": [], "faces": 0, "duplicate_keys": 0}
     ids = faces.column(S.IMAGE_ID).to_numpy(zero_copy_only=False).astype(object)
     size = pd.DataFrame({S.IMAGE_ID: images.column(S.IMAGE_ID).to_numpy(zero_copy_only=False),
@@ -290,6 +291,7 @@ def image_embeddings(root: str, embeddings: str = "", storage_options: dict | No
     embedder = pd.Series(faces.column(S.EMBEDDER).to_pylist()) + "@" + pd.Series(
         faces.column(S.EMBEDDER_VERSION).to_pylist())
     return {"path_keys": keys[unique], "image_ids": ids[rows][unique], "embeddings": vectors[unique],
+            "face_index": faces.column(S.FACE_INDEX).to_numpy()[rows][unique],
             "embedder": sorted(embedder.unique().tolist()), "faces": n,
             "duplicate_keys": int((~unique).sum())}
 
@@ -376,6 +378,6 @@ def format_result(r: dict) -> str:
 def _write_roc(output: str, curves: dict, title: str, opts: dict) -> bytes:
     """roc.png with a log false-accept axis (the region of VAL@FAR=1e-3 that a linear axis hides)."""
     with tempfile.TemporaryDirectory() as tmp:
-        png = V.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title, log_fpr=True).read_bytes()
+        png = plots.plot_roc(curves, os.path.join(tmp, "roc.png"), title=title, log_fpr=True).read_bytes()
     storage.put_atomic(storage.join(output, "roc.png"), png, opts)
     return png

@@ -570,59 +570,6 @@ def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def plot_roc(curves: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, *,
-             title: str = "ROC", log_fpr: bool = False) -> Path:
-    """Draw ROC curves into one PNG.
-
-    Args:
-        curves: ``{label: (fpr, tpr)}`` or ``{label: (fpr, tpr, thresholds)}``, e.g. ``{"sface":
-            roc_curve(scores, same)}``; fpr, tpr float[T] increasing. The legend gives each AUC.
-        path: PNG file to write; its folder is created.
-        title: figure title.
-        log_fpr: log-scaled false accept axis (points with fpr = 0 are not drawn).
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: no curves, or a curve whose fpr and tpr are not 1-D of one length.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not curves:
-        raise ValueError("plot_roc needs at least one curve")
-    figure = Figure(figsize=(5.5, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    smallest = 1.0
-    for label, curve in curves.items():
-        fpr, tpr = (np.asarray(values, dtype=np.float64) for values in tuple(curve)[:2])
-        if fpr.ndim != 1 or fpr.shape != tpr.shape:
-            raise ValueError(f"curve {label!r}: fpr and tpr must be 1-D of one length, got "
-                             f"{fpr.shape} and {tpr.shape}")
-        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-        axes.plot(fpr, tpr, linewidth=1.5, label=f"{label} (AUC {auc:.4f})")
-        if (fpr > 0).any():
-            smallest = min(smallest, float(fpr[fpr > 0].min()))
-    if log_fpr:
-        axes.set_xscale("log")
-        axes.set_xlim(min(smallest, 1e-3), 1.0)
-    else:
-        axes.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
-        axes.set_xlim(0.0, 1.0)
-    axes.set_ylim(0.0, 1.01)
-    axes.set_xlabel("false accept rate")
-    axes.set_ylabel("true accept rate")
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
-
-
 def _check_inputs(scores, same, folds, valid):
     """Return float64, bool, int64, bool 1-D arrays of one length N."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -67,11 +67,12 @@ class AugmentConfig:
 
 
 def parse_augment(text: str, base: AugmentConfig = AugmentConfig()) -> AugmentConfig:
-    """Parse ``"lowres=0.5,jpeg=0.3,gray=0.2,mask=0.3,blur=0.2"`` into probabilities.
+    """Parse ``"lowres=0.5,jpeg=0.3,gray=0.2,mask=0.3,blur=0.2"`` into probabilities (and ranges).
 
     Args:
-        text: comma-separated ``name=probability``; names not given keep ``base``'s; ``""`` or ``"none"``
-            gives ``base`` unchanged.
+        text: comma-separated ``name=probability``, or ``name=probability@lo-hi`` to set the parameter
+            range too (``lowres=0.7@12-32``: side 12..32 px; ``jpeg=0.3@10-40``; ``blur=0.2@0.5-2``); names
+            not given keep ``base``'s; ``""`` or ``"none"`` gives ``base`` unchanged.
         base: supplies the parameter ranges and unlisted probabilities.
 
     Returns:
@@ -84,9 +85,10 @@ def parse_augment(text: str, base: AugmentConfig = AugmentConfig()) -> AugmentCo
         raise ValueError(f"augment spec must be a string, got {text!r}")
     if text.strip().lower() in ("", "none"):
         return base
-    probs: dict[str, float] = {}
+    probs: dict[str, object] = {}
     for item in text.split(","):
         name, eq, value = (s.strip() for s in item.partition("="))
+        value, at, span = (s.strip() for s in value.partition("@"))
         if not eq or not name:
             raise ValueError(f"malformed augment item {item.strip()!r} in {text!r}: expected name=probability")
         if name not in ORDER:
@@ -100,7 +102,27 @@ def parse_augment(text: str, base: AugmentConfig = AugmentConfig()) -> AugmentCo
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"probability of {name!r} must be in [0, 1], got {value!r}")
         probs[name] = p
-    return dataclasses.replace(base, **probs)
+        if at:
+            probs[RANGES.get(name, name + "_range")] = _parse_range(name, span, text)
+    try:
+        return dataclasses.replace(base, **probs)
+    except TypeError:
+        raise ValueError(f"only {', '.join(RANGES)} take a range (name=p@lo-hi), got {text!r}") from None
+
+
+#: The range field of each augmentation that has one.
+RANGES = {"lowres": "lowres_px", "jpeg": "jpeg_quality", "blur": "blur_sigma"}
+
+
+def _parse_range(name: str, span: str, text: str) -> tuple:
+    lo, dash, hi = span.partition("-")
+    kind = float if name == "blur" else int
+    try:
+        if not dash:
+            raise ValueError
+        return kind(lo), kind(hi)
+    except ValueError:
+        raise ValueError(f"range of {name!r} must be lo-hi ({kind.__name__}s), got {span!r} in {text!r}") from None
 
 
 def augment_batch(crops: np.ndarray, config: AugmentConfig, seed: int, epoch: int, step: int,

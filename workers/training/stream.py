@@ -52,12 +52,14 @@ class Batch(NamedTuple):
         index: int64[B] positions into the shard's faces (``sampler.indices_for_step``).
         crops: uint8[B, H, W, 3] RGB, decoded and transformed.
         labels: int64[B], indices into ``split.train``.
+        clean: uint8[B, H, W, 3] the crops before ``transform`` (only when asked for; else None).
     """
 
     step: int
     index: np.ndarray
     crops: np.ndarray
     labels: np.ndarray
+    clean: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -170,17 +172,20 @@ def decode_jpegs(encoded: Sequence[bytes] | np.ndarray) -> np.ndarray:
 
 
 def make_batch(faces: EncodedFaces, sampler: PKSampler, epoch: int, step: int,
-               transform: Transform | None = None) -> Batch:
-    """The batch of ``(epoch, step)``: the sampler's faces, decoded, then ``transform(crops, epoch, step)``."""
+               transform: Transform | None = None, keep_clean: bool = False) -> Batch:
+    """The batch of ``(epoch, step)``: the sampler's faces, decoded, then ``transform(crops, epoch, step)``
+    (``keep_clean``: the decoded crops are kept beside the transformed ones, e.g. for distillation)."""
     index = sampler.indices_for_step(epoch, step)
-    crops = decode_jpegs(faces.crops[index])
+    clean = crops = decode_jpegs(faces.crops[index])
     if transform is not None:
-        crops = transform(crops, epoch, step)
-    return Batch(step=step, index=index, crops=crops, labels=faces.labels[index])
+        crops = transform(crops.copy() if keep_clean else crops, epoch, step)
+    return Batch(step=step, index=index, crops=crops, labels=faces.labels[index],
+                 clean=clean if keep_clean else None)
 
 
 def prefetch_batches(faces: EncodedFaces, sampler: PKSampler, epoch: int, steps: int, *, threads: int = 2,
-                     depth: int = 3, transform: Transform | None = None) -> Iterator[Batch]:
+                     depth: int = 3, transform: Transform | None = None, keep_clean: bool = False
+                     ) -> Iterator[Batch]:
     """Yield :func:`make_batch` of steps ``0 .. steps-1`` of ``epoch``, in order, made ahead in threads.
 
     Up to ``depth`` batches are being made or wait, made, behind the one the caller holds (a bounded
@@ -195,6 +200,7 @@ def prefetch_batches(faces: EncodedFaces, sampler: PKSampler, epoch: int, steps:
         threads: decoding threads, >= 1.
         depth: batches in flight, >= 1.
         transform: applied in the thread after decoding (e.g. augmentation).
+        keep_clean: also keep each batch's crops before ``transform`` (``Batch.clean``).
 
     Raises:
         ValueError: bad steps, threads or depth; an error of a batch is raised where it is yielded.
@@ -206,13 +212,13 @@ def prefetch_batches(faces: EncodedFaces, sampler: PKSampler, epoch: int, steps:
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="facemill-decode") as pool:
         pending: collections.deque = collections.deque()
         for step in range(min(depth, steps)):
-            pending.append(pool.submit(make_batch, faces, sampler, epoch, step, transform))
+            pending.append(pool.submit(make_batch, faces, sampler, epoch, step, transform, keep_clean))
         submitted = len(pending)
         try:
             while pending:
                 future = pending.popleft()
                 if submitted < steps:
-                    pending.append(pool.submit(make_batch, faces, sampler, epoch, submitted, transform))
+                    pending.append(pool.submit(make_batch, faces, sampler, epoch, submitted, transform, keep_clean))
                     submitted += 1
                 yield future.result()
         finally:
