@@ -29,12 +29,12 @@ def submission_id() -> str:
 
 
 def parse_args(argv=None):
+    from jobs._options import PREPARE_ONLY, add_pool_options, add_precision_option, add_prepare_options, prepare_config
     from workers.reprocess import ReembedConfig
+    from workers.runs import new_run_id
 
     d = ReembedConfig(root="")
-    p = argparse.ArgumentParser(prog="python -m jobs.reprocess", description=__doc__.splitlines()[0],
-                                epilog="With --incremental, options of `python -m jobs.prepare` (detection, "
-                                       "sharding, actors) may follow and are passed on.")
+    p = argparse.ArgumentParser(prog="python -m jobs.reprocess", description=__doc__.splitlines()[0])
     p.add_argument("--incremental", action="store_true", help="process only new or changed files of --input")
     p.add_argument("--input", help="with --incremental: the images (as for jobs.prepare)")
     p.add_argument("--output", "--root", dest="output", required=True, help="dataset root, local or s3://")
@@ -47,60 +47,37 @@ def parse_args(argv=None):
                    help="a local --output (and --input) is on a filesystem every Ray node sees")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
-    reembed = p.add_argument_group("actors (both modes)")
-    reembed.add_argument("--shards-per-call", type=int, default=d.shards_per_call)
-    reembed.add_argument("--actors", type=int, default=d.actors, help="embed actors (0: one per GPU, or 1 on CPU)")
-    reembed.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
-    reembed.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
-    reembed.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device)
-    reembed.add_argument("--batch-size", type=int, default=d.batch_size,
-                         help="re-embed: crops per forward pass (0: by device)")
-    reembed.add_argument("--embed-precision", choices=("float32", "bfloat16", "float16"), default=d.precision,
-                         help="embedder precision (float16: CUDA only)")
-    args, rest = p.parse_known_args(argv)
-    from workers.runs import new_run_id
-
+    actors = p.add_argument_group("actors (both modes)")
+    add_pool_options(actors, "embed actors")
+    add_precision_option(actors, d.precision)
+    actors.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="re-embed: crops per forward pass (0: by device)")
+    add_prepare_options(p.add_argument_group("incremental only (as jobs.prepare)"), suppress=True)
+    args = p.parse_args(argv)
     args.run_id = args.run_id or submission_id() or new_run_id()
-    if args.incremental:
-        return _incremental_config(p, args, rest), args
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.input:
-        p.error("--input is for --incremental; re-embedding reads the crops already stored under --output")
-    if not args.embedder:
-        p.error("re-embedding needs --embedder (a registry name or an exported embedder directory)")
+    opts = storage_options(args.s3_endpoint_url)
+    given = [f"--{name.replace('_', '-')}" for name in PREPARE_ONLY if hasattr(args, name)]
     try:
+        if args.incremental:
+            if not args.input:
+                p.error("--incremental needs --input")
+            if args.name:
+                p.error("--name is for re-embedding")
+            return prepare_config(args, opts, args.run_id), args
+        if given:
+            p.error(f"{given[0]} is for --incremental (re-embedding detects nothing)")
+        if args.input:
+            p.error("--input is for --incremental; re-embedding reads the crops already stored under --output")
+        if not args.embedder:
+            p.error("re-embedding needs --embedder (a registry name or an exported embedder directory)")
         cfg = ReembedConfig(
             root=args.output, embedder=args.embedder, name=args.name, shards_per_call=args.shards_per_call,
             actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
             device=args.device, batch_size=args.batch_size, precision=args.embed_precision,
-            storage_options=storage_options(args.s3_endpoint_url),
-            run_id=args.run_id, shared_fs=args.shared_fs)
+            torch_threads=args.torch_threads, storage_options=opts, run_id=args.run_id, shared_fs=args.shared_fs)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args
-
-
-def _incremental_config(p, args, rest):
-    """The PrepareConfig of an incremental run: jobs.prepare's parser over the passed-on options."""
-    from jobs import prepare
-
-    if not args.input:
-        p.error("--incremental needs --input")
-    if args.name:
-        p.error("--name is for re-embedding")
-    passed = ["--input", args.input, "--output", args.output, "--run-id", args.run_id, "--device", args.device,
-              "--shards-per-call", str(args.shards_per_call), "--actors", str(args.actors),
-              "--gpus-per-actor", str(args.gpus_per_actor), "--cpus-per-actor", str(args.cpus_per_actor),
-              "--embed-precision", args.embed_precision, *rest]
-    if args.embedder:
-        passed += ["--embedder", args.embedder]
-    if args.shared_fs:
-        passed.append("--shared-fs")
-    if args.s3_endpoint_url:
-        passed += ["--s3-endpoint-url", args.s3_endpoint_url]
-    cfg, _ = prepare.parse_args(passed)
-    return cfg
 
 
 def main(argv=None) -> dict:

@@ -513,13 +513,13 @@ def breakdown_batch(engine, images: list[np.ndarray], clock: StageClock, write) 
             batch, sizes = pad_images(images, engine.device)
             batch = batch.float().contiguous()
         with clock("pnet"):
-            cand = det._stage1(batch, sizes)
+            cand = det.stage1(batch, sizes)
         with clock("rnet"):  # the crop canvas (shared by R-Net, O-Net and align) is counted here
             canvas = patch_canvas(batch, sizes)
-            cand = det._stage2(batch, sizes, *cand, canvas=canvas)
+            cand = det.stage2(batch, sizes, *cand, canvas=canvas)
         with clock("onet"):
-            found = det._stage3(batch, sizes, *cand, canvas=canvas)
-            detections = det._select(*found, sizes, batch.shape[0])
+            found = det.stage3(batch, sizes, *cand, canvas=canvas)
+            detections = det.select(*found, sizes, batch.shape[0])
         with clock("align"):
             image_index, boxes, scores, landmarks = detections.flat()
             crops, _ = align_faces(batch, sizes, image_index, landmarks, engine.config.align, canvas)

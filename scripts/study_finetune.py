@@ -35,9 +35,9 @@ DOMAINS = ("clean", "lowres:16", "lowres:24", "jpeg:10+gray", "mask")
 #: The bars of the study (issue 11): error cut on lowres:16 and on one more shifted domain, gain > 3 SE,
 #: VAL@FAR raised there, clean accuracy lost <= 0.3 points.
 MIN_ERROR_CUT, MIN_SE, MAX_CLEAN_LOSS = 0.30, 3.0, 0.3
-TRAIN_DEFAULTS = ("--epochs 4 --steps-per-epoch 60 --people-per-batch 16 --images-per-person 4 --lr 1e-4 "
-                  "--warmup-epochs 0.25 --distill-weight 10 --freeze-bn --heldout-fraction 0 "
-                  "--augment lowres=0.7,jpeg=0.3,gray=0.2,mask=0.2,blur=0.1")
+TRAIN_DEFAULTS = ("--epochs 4 --steps-per-epoch 75 --people-per-batch 16 --images-per-person 4 --lr 1e-4 "
+                  "--warmup-epochs 0.25 --distill-weight 10 --freeze-bn --freeze-stages 4 --precision bfloat16 "
+                  "--heldout-fraction 0 --augment lowres=0.6@12-32,jpeg=0.3,gray=0.2,mask=0.2,blur=0.1")
 
 
 def half_pairs(pairs: pd.DataFrame, folds: list[int]) -> pd.DataFrame:
@@ -58,14 +58,24 @@ def write_lfw_pairs(pairs: pd.DataFrame, path: Path) -> Path:
 
 
 def train_half(dataset: str, exclude: Path, output: Path, train_args: str, local_cpus: int | None) -> str:
-    """Fine-tune with ``jobs.train`` (same process, embedded Ray); returns the exported embedder folder."""
+    """Fine-tune with ``jobs.train`` (same process, embedded Ray); returns the exported embedder folder.
+
+    A model already trained in ``output`` with the same arguments (``study_args.txt``) is reused; other
+    arguments are refused rather than silently mixed.
+    """
     from jobs import train as train_job
 
-    if (output / "embedder" / "embedder.json").is_file():
-        print(f"  reusing the model already trained in {output}", flush=True)
-        return str(output / "embedder")
     argv = ["--faces", dataset, "--exclude-pairs", str(exclude), "--output", str(output), "--workers", "1",
             "--cpus-per-worker", str(max(1, (local_cpus or os.cpu_count() or 2))), *train_args.split()]
+    record = output / "study_args.txt"
+    if (output / "embedder" / "embedder.json").is_file():
+        if not record.is_file() or record.read_text() != " ".join(argv):
+            raise SystemExit(f"error: {output} holds a model trained with other arguments "
+                             f"({record.read_text() if record.is_file() else 'unknown'}); use a new --output")
+        print(f"  reusing the model already trained in {output} with the same arguments", flush=True)
+        return str(output / "embedder")
+    output.mkdir(parents=True, exist_ok=True)
+    record.write_text(" ".join(argv))
     if local_cpus:
         argv += ["--local-cpus", str(local_cpus)]
     summary = train_job.main(argv)

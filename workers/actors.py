@@ -12,12 +12,16 @@ import logging
 import os
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import schemas as S
 from workers import dataset, inputs, records
 from workers.decode import DecodeConfig, decode_image
+
+if TYPE_CHECKING:   # the engine imports torch; decode and write tasks must not pay for it
+    from workers.faces.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class ActorConfig:
     """What a face actor loads and how it runs.
 
     Attributes:
-        engine: the face stage settings (workers.faces.engine.EngineConfig).
+        engine: the face stage settings (None: ``EngineConfig()``).
         embedder: registry name or exported directory.
         device: "auto" (CUDA if the actor has a GPU), "cuda" or "cpu".
         run_id: recorded in every row.
@@ -78,7 +82,7 @@ class ActorConfig:
         torch_threads: intra-op threads on CPU (0: leave torch's default).
     """
 
-    engine: object
+    engine: EngineConfig | None = None
     embedder: str = "sface"
     device: str = "auto"
     run_id: str = ""
@@ -94,7 +98,7 @@ class FaceActor:
         import torch
 
         from workers.faces.embedders import load_embedder
-        from workers.faces.engine import FaceEngine
+        from workers.faces.engine import EngineConfig, FaceEngine
         from workers.faces.mtcnn import MTCNN
 
         if config.device == "auto":
@@ -105,8 +109,9 @@ class FaceActor:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.embedder = load_embedder(config.embedder, device)
-        detector = MTCNN.pretrained(config.engine.mtcnn, device)
-        self.engine = FaceEngine(detector, self.embedder.module, config.engine)
+        engine = config.engine or EngineConfig()
+        detector = MTCNN.pretrained(engine.mtcnn, device)
+        self.engine = FaceEngine(detector, self.embedder.module, engine)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Process shards.
@@ -160,7 +165,7 @@ class FaceActor:
                     except Exception as exc1:  # noqa: BLE001
                         failed[i] = f"{type(exc1).__name__}: {exc1}"[:300]
         merged = _merge_results(parts, len(images), FaceResults, self.embedder.spec.embedding_dim,
-                                self.config.engine.align.size)
+                                self.engine.config.align.size)
         return merged, failed
 
     def _shard_tables(self, batch, i, res, failed, owner, first):

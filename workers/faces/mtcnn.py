@@ -320,13 +320,14 @@ class MTCNN(nn.Module):
         batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
         canvas = patch_canvas(batch, sizes) if canvas is None else canvas   # one for R-Net and O-Net
         n_img = batch.shape[0]
-        cand = self._stage1(batch, sizes)
-        cand = self._stage2(batch, sizes, *cand, canvas=canvas)
-        img, boxes, scores, marks = self._stage3(batch, sizes, *cand, canvas=canvas)
-        return self._select(img, boxes, scores, marks, sizes, n_img)
+        cand = self.stage1(batch, sizes)
+        cand = self.stage2(batch, sizes, *cand, canvas=canvas)
+        img, boxes, scores, marks = self.stage3(batch, sizes, *cand, canvas=canvas)
+        return self.select(img, boxes, scores, marks, sizes, n_img)
 
-    def _stage1(self, batch, sizes):
-        """P-Net over the pyramid, in groups of images of at most ``stage1_pixels`` padded pixels (each
+    def stage1(self, batch, sizes):
+        """Stage 1 (public so that benchmarks time the stages; ``detect`` runs stage1 -> stage2 -> stage3 ->
+        select): P-Net over the pyramid, in groups of images of at most ``stage1_pixels`` padded pixels (each
         image's candidates depend on that image alone, so grouping changes nothing but speed)."""
         cfg = self.config
         n_img, _, h_max, w_max = batch.shape
@@ -396,7 +397,9 @@ class MTCNN(nn.Module):
             outs.append(net(self._layout(_normalise(patches))))
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    def _stage2(self, batch, sizes, img, boxes, canvas=None):
+    def stage2(self, batch, sizes, img, boxes, canvas=None):
+        """R-Net over P-Net's candidates (image index int64[N], boxes float[N, 4]): those above the
+        threshold, regressed, squared and NMS-ed per image, as (int64[M], float[M, 4])."""
         cfg = self.config
         if img.numel() == 0:
             return img, boxes
@@ -406,7 +409,9 @@ class MTCNN(nn.Module):
         keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
         return img[keep], _square(_regress(boxes[keep], reg[keep]))
 
-    def _stage3(self, batch, sizes, img, boxes, canvas=None):
+    def stage3(self, batch, sizes, img, boxes, canvas=None):
+        """O-Net over R-Net's boxes: (image index int64[K], boxes float[K, 4], scores float[K], landmarks
+        float[K, 5, 2]) of the faces above the threshold, regressed and NMS-ed (min mode) per image."""
         cfg = self.config
         if img.numel() == 0:
             z = batch.new_zeros
@@ -422,7 +427,8 @@ class MTCNN(nn.Module):
         keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[3], mode="min")
         return img[keep], boxes[keep], prob[keep], marks[keep]
 
-    def _select(self, img, boxes, scores, marks, sizes, n_img) -> Detections:
+    def select(self, img, boxes, scores, marks, sizes, n_img) -> Detections:
+        """Keep the faces ``config.select`` / ``max_faces`` ask for and pad them over the ``n_img`` images."""
         cfg = self.config
         dev = sizes.device
         if cfg.select == "largest":
