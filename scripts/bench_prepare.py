@@ -464,20 +464,11 @@ def load_facemill(device, embed_precision: str = "float32"):
     return engine, embedder.spec
 
 
-def _ipc(table) -> bytes:
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
 def write_batch(output: str, shard: str, uris: list[str], images: list[np.ndarray], res, spec) -> None:
     """Write one batch as a shard exactly as the pipeline's write task does (crops JPEG-encoded, one Delta
     commit)."""
     from workers import dataset, records
-    from workers.actors import write_shard
+    from workers.actors import shard_row, write_shard
 
     dataset.create_dataset(output, spec.embedding_dim)  # idempotent: a marker read once the table exists
     n = len(uris)
@@ -487,11 +478,9 @@ def write_batch(output: str, shard: str, uris: list[str], images: list[np.ndarra
         errors=[None] * n, details=[None] * n, num_faces=res.num_faces, settings="bench", run_id="bench")
     faces_t = records.faces_table(
         shard=shard, uris=uris, identities=[None] * n, image_index=res.image_index, boxes=res.boxes,
-        scores=res.scores, landmarks=res.landmarks, crops=res.crops, embeddings=res.embeddings,
+        scores=res.scores, landmarks=res.landmarks, crops=None, embeddings=res.embeddings,
         embedder=spec.name, embedder_version=spec.version, run_id="bench")
-    write_shard({"shard": shard, "images_ipc": _ipc(images_t), "faces_ipc": _ipc(faces_t)}, output=output,
-                storage_options=None, crop_size=res.crops.shape[1] if res.crops.ndim == 4 else 112,
-                crop_quality=95)
+    write_shard(shard_row(shard, images_t, faces_t, res.crops), output=output, storage_options=None, crop_quality=95)
 
 
 def breakdown_batch(engine, images: list[np.ndarray], clock: StageClock, write) -> object:

@@ -14,7 +14,7 @@ import pytest
 
 import schemas as S
 from workers import dataset, plots, report, storage
-from workers.faces.align import AlignConfig
+from workers.faces.align import AlignConfig, crop_landmarks
 
 DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -184,12 +184,12 @@ def test_crop_landmarks_recovers_a_known_similarity():
     rot = np.stack([np.stack([np.cos(angle), -np.sin(angle)], 1), np.stack([np.sin(angle), np.cos(angle)], 1)], 1)
     # Landmarks in an "image": the template carried back through the image -> crop map s R x + shift.
     landmarks = ((points[None] - shift[:, None]) @ rot) / scale[:, None, None]
-    mapped, m = report.crop_landmarks(landmarks, points)
+    mapped, m = crop_landmarks(landmarks, points)
     np.testing.assert_allclose(mapped, np.broadcast_to(points, mapped.shape), atol=1e-3)
     np.testing.assert_allclose(m[:, :, :2], scale[:, None, None] * rot, atol=1e-5)
     np.testing.assert_allclose(m[:, :, 2], shift, atol=1e-3)
     with pytest.raises(ValueError, match=r"\[F, 5, 2\]"):
-        report.crop_landmarks(np.zeros((2, 4, 2)), points)
+        crop_landmarks(np.zeros((2, 4, 2)), points)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_real_prepare_report(prepared_lfw):
     first_uri = html.unescape(re.search(r"<img alt='face 0' title='([^']+)'", page).group(1))
     landmarks, crops_stored, _ = _first_faces(out, uri=first_uri)
     points = AlignConfig(size=112).points().numpy().astype(np.float64)
-    mapped, _ = report.crop_landmarks(landmarks, points)
+    mapped, _ = crop_landmarks(landmarks, points)
     drawn = np.array(re.findall(r"<circle class=l cx='([-\d.]+)' cy='([-\d.]+)'", page)[:5], float)
     assert np.abs(mapped - drawn[None]).max(axis=(1, 2)).min() < 0.01
 
@@ -242,7 +242,7 @@ def test_real_landmarks_land_on_the_template(prepared_lfw):
     landmarks, crops, _ = _first_faces(out)
     assert landmarks.shape[0] >= 16
     points = AlignConfig(size=crops.shape[1]).points().numpy().astype(np.float64)
-    mapped, m = report.crop_landmarks(landmarks, points)
+    mapped, m = crop_landmarks(landmarks, points)
     # Reference: the similarity x -> [[a, -b], [b, a]] x + t is linear in (a, b, tx, ty); float64 lstsq per face.
     for i in range(len(landmarks)):
         x, y = landmarks[i].astype(np.float64).T
@@ -272,7 +272,7 @@ def test_real_transform_is_the_crops(prepared_lfw):
     out, _ = prepared_lfw
     landmarks, crops, uris = _first_faces(out)
     points = AlignConfig(size=crops.shape[1]).points().numpy().astype(np.float64)
-    _, m = report.crop_landmarks(landmarks[:8], points)
+    _, m = crop_landmarks(landmarks[:8], points)
     for i in range(min(8, len(uris))):
         image = decode_image(Path(uris[i]).read_bytes()).image
         recut = cv2.warpAffine(image, m[i], crops.shape[1:3], flags=cv2.INTER_LINEAR,

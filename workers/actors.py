@@ -120,7 +120,7 @@ class FaceActor:
             batch: columns of decoded shard rows (see :func:`decode_shard`).
 
         Returns:
-            Columns shard, images_ipc, faces_ipc (one Arrow IPC stream per shard; faces carry raw crops).
+            Columns of :func:`shard_row`, one row per shard.
         """
         n_shards = len(batch["shard"])
         per_shard = [unpack_images(batch["pixels"][i], batch["heights"][i], batch["widths"][i])
@@ -129,12 +129,10 @@ class FaceActor:
         results, failed = self._process(images)
         owner = np.repeat(np.arange(n_shards), [len(ims) for ims in per_shard])
         first = np.concatenate([[0], np.cumsum([len(ims) for ims in per_shard])])
-        out_img, out_faces = [], []
-        for i in range(n_shards):  # per shard (a few per call): slicing whole arrays
-            out_img_i, out_faces_i = self._shard_tables(batch, i, results, failed, owner, first)
-            out_img.append(out_img_i), out_faces.append(out_faces_i)
-        return {"shard": np.asarray(batch["shard"]), "images_ipc": np.array(out_img, dtype=object),
-                "faces_ipc": np.array(out_faces, dtype=object)}
+        rows = [self._shard_tables(batch, i, results, failed, owner, first)   # a few shards per call
+                for i in range(n_shards)]
+        return {key: np.array([r[key] for r in rows], dtype=object if key != "crop_size" else np.int64)
+                for key in rows[0]} if rows else {}
 
     def _process(self, images: list[np.ndarray]):
         """Run the engine in passes bounded by pixels; a failing pass is retried image by image."""
@@ -192,9 +190,9 @@ class FaceActor:
         faces = records.faces_table(
             shard=batch["shard"][i], uris=uris, identities=identities,
             image_index=decoded[res.image_index[sel] - lo], boxes=res.boxes[sel], scores=res.scores[sel],
-            landmarks=res.landmarks[sel], crops=res.crops[sel], embeddings=res.embeddings[sel],
+            landmarks=res.landmarks[sel], crops=None, embeddings=res.embeddings[sel],
             embedder=spec.name, embedder_version=spec.version, run_id=self.config.run_id)
-        return records.table_to_ipc(images), records.table_to_ipc(faces)
+        return shard_row(batch["shard"][i], images, faces, res.crops[sel])
 
 
 def _merge_results(parts, n_images, cls, dim, size):
@@ -214,14 +212,33 @@ def _merge_results(parts, n_images, cls, dim, size):
     return cls(num_faces=num_faces, **merged)
 
 
-def write_shard(row: dict, *, output: str, storage_options: dict | None, crop_size: int,
-                crop_quality: int) -> dict:
+def shard_row(shard: str, images, faces, crops: np.ndarray) -> dict:
+    """A shard between the face actor and the writer: its image rows and its face rows (without crops) as
+    Arrow IPC, and the faces' raw aligned crops beside them.
+
+    Args:
+        shard: shard key.
+        images: ``records.images_table`` rows.
+        faces: ``records.faces_table(crops=None)`` rows.
+        crops: uint8[F, S, S, 3] RGB, one per face row, in order.
+
+    Returns:
+        {shard, images_ipc, faces_ipc, crops (the pixels' bytes), crop_size (S)}.
+    """
+    crops = np.ascontiguousarray(crops, dtype=np.uint8)
+    if crops.ndim != 4 or crops.shape[0] != faces.num_rows:
+        raise ValueError(f"crops must be uint8[{faces.num_rows}, S, S, 3], got {list(crops.shape)}")
+    return {"shard": shard, "images_ipc": records.table_to_ipc(images), "faces_ipc": records.table_to_ipc(faces),
+            "crops": crops.tobytes(), "crop_size": int(crops.shape[1])}
+
+
+def write_shard(row: dict, *, output: str, storage_options: dict | None, crop_quality: int) -> dict:
     """Encode crops and commit one shard (one Delta transaction replacing every row of its images);
     returns the shard's summary row."""
     images = records.table_from_ipc(row["images_ipc"])
-    faces = records.table_from_ipc(row["faces_ipc"])
-    crops = records.encode_crops(faces.column(S.CROP).combine_chunks(), crop_size, crop_quality)
-    faces = faces.set_column(faces.schema.get_field_index(S.CROP), faces.schema.field(S.CROP), crops)
+    size = int(row["crop_size"])
+    pixels = np.frombuffer(row["crops"], np.uint8).reshape(-1, size, size, 3)
+    faces = records.with_crops(records.table_from_ipc(row["faces_ipc"]), records.encode_crops(pixels, crop_quality))
     status = Counter(images.column(S.STATUS).to_pylist())
     reasons = Counter(e for e in images.column(S.ERROR).to_pylist() if e)
     dataset.commit_records(output, records.records_table(images, faces), storage_options)

@@ -234,8 +234,7 @@ def _run_graph(cfg: PrepareConfig, shards: list[dict], settings: str, opts: dict
     actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=cfg.run_id,
                             settings=settings, torch_threads=plan.threads)
     read = Stage(decode_shard, {"storage_options": opts, "decode": cfg.decode}, cpus=1)
-    commit = Stage(write_shard, {"output": cfg.output, "storage_options": opts, "crop_size": cfg.engine.align.size,
-                                 "crop_quality": cfg.crop_quality})
+    commit = Stage(write_shard, {"output": cfg.output, "storage_options": opts, "crop_quality": cfg.crop_quality})
     rows, n_img, t0, last = [], 0, time.time(), 0.0
     total = sum(len(s["uris"]) for s in shards)
     for row in run_shard_graph(shards, read, FaceActor, actor_cfg, pool, plan, commit):

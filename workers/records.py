@@ -34,15 +34,6 @@ def _fixed_list(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
 
 
-def _binary_rows(data: np.ndarray) -> pa.BinaryArray:
-    """One binary value per leading index of a uint8[N, ...] array, without copying rows one by one."""
-    n = data.shape[0]
-    item = int(np.prod(data.shape[1:])) if n else 0
-    offsets = np.arange(n + 1, dtype=np.int32) * item
-    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
-                                                         pa.py_buffer(np.ascontiguousarray(data))])
-
-
 def images_table(*, shard: str, uris: list[str], identities: list, fingerprints: list, widths: np.ndarray,
                  heights: np.ndarray, errors: list, details: list, num_faces: np.ndarray, settings: str,
                  run_id: str) -> pa.Table:
@@ -91,8 +82,9 @@ def faces_table(*, shard: str, uris: list[str], identities: list, image_index: n
         uris, identities: per image of the shard.
         image_index: int[F] image (into uris) of each face, non-decreasing.
         boxes: float[F, 4]; scores: float[F]; landmarks: float[F, 5, 2]; embeddings: float[F, D].
-        crops: uint8[F, S, S, 3] raw crops (stored raw; see :func:`encode_crops`) or a list of F encoded
-            byte strings.
+        crops: F encoded (JPEG) crops, as stored (see :func:`encode_crops`); None leaves the crop column
+            out (the faces of a shard in flight between the face actor and the writer, whose raw pixels
+            travel beside the table: the column only ever holds the stored encoding).
         embedder, embedder_version: the model that made the embeddings.
         run_id: the run writing these rows.
 
@@ -107,8 +99,7 @@ def faces_table(*, shard: str, uris: list[str], identities: list, image_index: n
     ids = np.array(image_ids(uris), dtype=object)
     uri_arr = np.array(uris, dtype=object)
     ident_arr = np.array(identities, dtype=object)
-    crop_col = _binary_rows(crops) if isinstance(crops, np.ndarray) else pa.array(crops, pa.binary())
-    return pa.table({
+    columns = {
         S.IMAGE_ID: pa.array(ids[idx].tolist(), pa.string()),
         S.URI: pa.array(uri_arr[idx].tolist(), pa.string()),
         S.IDENTITY: pa.array(ident_arr[idx].tolist(), pa.string()),
@@ -117,12 +108,27 @@ def faces_table(*, shard: str, uris: list[str], identities: list, image_index: n
         S.BOX: _fixed_list(boxes, 4),
         S.SCORE: pa.array(np.asarray(scores, np.float32), pa.float32()),
         S.LANDMARKS: _fixed_list(landmarks, 10),
-        S.CROP: crop_col,
+        S.CROP: None,
         S.EMBEDDING: _fixed_list(embeddings, dim),
         S.EMBEDDER: pa.array([embedder] * f, pa.string()),
         S.EMBEDDER_VERSION: pa.array([embedder_version] * f, pa.string()),
         S.RUN_ID: pa.array([run_id] * f, pa.string()),
-    }, schema=S.faces_schema(dim))
+    }
+    schema = S.faces_schema(dim)
+    if crops is None:
+        del columns[S.CROP]
+        schema = schema.remove(schema.get_field_index(S.CROP))
+    else:
+        columns[S.CROP] = pa.array(crops, pa.binary()) if not isinstance(crops, pa.Array) else crops
+    return pa.table(columns, schema=schema)
+
+
+def with_crops(faces: pa.Table, crops: pa.BinaryArray) -> pa.Table:
+    """Faces rows without a crop column (``faces_table(crops=None)``) with their encoded crops added, in
+    the place ``schemas.faces_schema`` gives the column."""
+    dim = faces.schema.field(S.EMBEDDING).type.list_size
+    schema = S.faces_schema(dim)
+    return faces.add_column(schema.get_field_index(S.CROP), schema.field(S.CROP), crops).cast(schema)
 
 
 def records_table(images: pa.Table, faces: pa.Table) -> pa.Table:
@@ -156,11 +162,8 @@ def records_table(images: pa.Table, faces: pa.Table) -> pa.Table:
     return pa.concat_tables([part(image_cols, n), part(face_cols, f)])
 
 
-def encode_crops(raw: pa.Array, size: int, quality: int = 95) -> pa.BinaryArray:
-    """JPEG-encode raw RGB crops (binary values of size*size*3 bytes) for storage."""
-    data = np.frombuffer(raw.buffers()[2], np.uint8) if len(raw) else np.zeros(0, np.uint8)
-    start = raw.offset * size * size * 3
-    crops = data[start:start + len(raw) * size * size * 3].reshape(-1, size, size, 3)
+def encode_crops(crops: np.ndarray, quality: int = 95) -> pa.BinaryArray:
+    """JPEG-encode raw RGB crops uint8[N, S, S, 3] for storage (one binary value per crop)."""
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     # cv2 encodes one image per call; BGR order on disk is what every decoder expects.
     encoded = [cv2.imencode(".jpg", c[:, :, ::-1], params)[1].tobytes() for c in crops]

@@ -289,41 +289,6 @@ def _hist_png(values: np.ndarray, xlabel: str, title: str, log_y: bool = False, 
 # Sample crops with their landmarks
 # --------------------------------------------------------------------------------------------------
 
-def crop_landmarks(landmarks: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Landmarks mapped into their aligned crops, by the similarity fit that made the crops.
-
-    The crop of a face is the least-squares similarity warp (Umeyama) of its 5 landmarks onto the
-    template (``workers.faces.align.align_faces``); the same fit, recomputed here, carries the
-    landmarks into crop pixels, where they land near the template up to the fit's residual.
-
-    Args:
-        landmarks: float[F, 5, 2] (x, y) pixel centres in the original image.
-        points: float[5, 2] template points in crop pixels (``AlignConfig.points()``).
-
-    Returns:
-        (mapped, transforms): float64[F, 5, 2] (x, y) pixel centres in the crop, and float64[F, 2, 3]
-        image -> crop matrices.
-
-    Raises:
-        ValueError: landmarks is not [F, 5, 2] or points not [5, 2].
-    """
-    import torch
-
-    from workers.faces.align import umeyama
-
-    lm = np.asarray(landmarks, dtype=np.float64)
-    pts = np.asarray(points, dtype=np.float64)
-    if lm.ndim != 3 or lm.shape[1:] != (5, 2):
-        raise ValueError(f"landmarks must be [F, 5, 2], got {lm.shape}")
-    if pts.shape != (5, 2):
-        raise ValueError(f"points must be [5, 2], got {pts.shape}")
-    if lm.shape[0] == 0:
-        return np.zeros((0, 5, 2)), np.zeros((0, 2, 3))
-    m = umeyama(torch.from_numpy(lm), torch.from_numpy(pts)).numpy()
-    mapped = lm @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]
-    return mapped, m
-
-
 def _run_align(output: str, run_id: str | None, crop_side: int, storage_options: dict | None):
     """The AlignConfig the run used (from its run record), sized to the stored crops."""
     from workers.faces.align import AlignConfig
@@ -363,6 +328,7 @@ def _sample_faces(output: str, rows: list, storage_options: dict | None, n: int 
 def _samples_html(output: str, rows: list, storage_options: dict | None) -> str:
     import cv2
 
+    from workers.faces.align import crop_landmarks
     from workers.records import decode_crops
 
     table = _sample_faces(output, rows, storage_options)

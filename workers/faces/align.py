@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from workers.faces.resample import sample_patches
@@ -114,3 +115,34 @@ def align_faces(batch: torch.Tensor, sizes: torch.Tensor, image_index: torch.Ten
                              canvas=canvas)
     crops = patches.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return crops, m
+
+
+def crop_landmarks(landmarks: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks mapped into their aligned crops, by the similarity fit that made the crops.
+
+    The crop of a face is the least-squares similarity warp (Umeyama) of its 5 landmarks onto the
+    template (``workers.faces.align.align_faces``); the same fit, recomputed, carries the
+    landmarks into crop pixels, where they land near the template up to the fit's residual.
+
+    Args:
+        landmarks: float[F, 5, 2] (x, y) pixel centres in the original image.
+        points: float[5, 2] template points in crop pixels (``AlignConfig.points()``).
+
+    Returns:
+        (mapped, transforms): float64[F, 5, 2] (x, y) pixel centres in the crop, and float64[F, 2, 3]
+        image -> crop matrices.
+
+    Raises:
+        ValueError: landmarks is not [F, 5, 2] or points not [5, 2].
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64)
+    if lm.ndim != 3 or lm.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks must be [F, 5, 2], got {lm.shape}")
+    if pts.shape != (5, 2):
+        raise ValueError(f"points must be [5, 2], got {pts.shape}")
+    if lm.shape[0] == 0:
+        return np.zeros((0, 5, 2)), np.zeros((0, 2, 3))
+    m = umeyama(torch.from_numpy(lm), torch.from_numpy(pts)).numpy()
+    mapped = lm @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]
+    return mapped, m
