@@ -29,6 +29,14 @@ def add_pool_options(group, what: str = "actors") -> None:
                             "cores shared between the actors)")
 
 
+def pool_settings(args: argparse.Namespace):
+    """The ``PoolSettings`` of parsed :func:`add_pool_options` (ValueError on a bad value)."""
+    from workers.graph import PoolSettings
+
+    return PoolSettings(actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                        torch_threads=args.torch_threads, shards_per_call=args.shards_per_call, device=args.device)
+
+
 def add_precision_option(group, default: str = "float32") -> None:
     from workers.faces.embedders import EMBED_PRECISIONS
 
@@ -93,6 +101,5 @@ def prepare_config(args: argparse.Namespace, storage_options: tuple, run_id: str
             align=AlignConfig(size=get("crop_size", a.size), margin=get("crop_margin", a.margin)),
             embed_precision=args.embed_precision),
         decode=DecodeConfig(max_pixels=get("max_pixels", d.max_pixels)), shard_size=get("shard_size", c.shard_size),
-        shards_per_call=args.shards_per_call, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, device=args.device, storage_options=storage_options, run_id=run_id,
-        torch_threads=args.torch_threads, retry_errors=get("retry_errors", False), shared_fs=args.shared_fs)
+        pool=pool_settings(args), storage_options=storage_options, run_id=run_id,
+        retry_errors=get("retry_errors", False), shared_fs=args.shared_fs)

@@ -29,7 +29,8 @@ def submission_id() -> str:
 
 
 def parse_args(argv=None):
-    from jobs._options import PREPARE_ONLY, add_pool_options, add_precision_option, add_prepare_options, prepare_config
+    from jobs._options import (
+        PREPARE_ONLY, add_pool_options, add_precision_option, add_prepare_options, pool_settings, prepare_config)
     from workers.reprocess import ReembedConfig
     from workers.runs import new_run_id
 
@@ -71,10 +72,9 @@ def parse_args(argv=None):
         if not args.embedder:
             p.error("re-embedding needs --embedder (a registry name or an exported embedder directory)")
         cfg = ReembedConfig(
-            root=args.output, embedder=args.embedder, name=args.name, shards_per_call=args.shards_per_call,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-            device=args.device, batch_size=args.batch_size, precision=args.embed_precision,
-            torch_threads=args.torch_threads, storage_options=opts, run_id=args.run_id, shared_fs=args.shared_fs)
+            root=args.output, embedder=args.embedder, name=args.name, pool=pool_settings(args),
+            batch_size=args.batch_size, precision=args.embed_precision, storage_options=opts, run_id=args.run_id,
+            shared_fs=args.shared_fs)
     except ValueError as exc:
         fail(str(exc))
     return cfg, args

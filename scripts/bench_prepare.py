@@ -591,13 +591,14 @@ def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
     import schemas as S
     from workers import dataset
     from workers.faces.engine import EngineConfig
+    from workers.graph import PoolSettings
     from workers.pipeline import PrepareConfig, run_prepare
 
     inputs = _ray_inputs(work, tmp)
     output = tmp / f"ray_out_{work.name}"
-    cfg = PrepareConfig(input=inputs, output=str(output), shard_size=args.ray_shard_size,
-                        shards_per_call=args.ray_shards_per_call, actors=args.ray_actors,
-                        device="cuda" if device == "cuda" else "cpu", cpus_per_actor=args.ray_cpus_per_actor,
+    pool = PoolSettings(shards_per_call=args.ray_shards_per_call, actors=args.ray_actors,
+                        device="cuda" if device == "cuda" else "cpu", cpus_per_actor=args.ray_cpus_per_actor)
+    cfg = PrepareConfig(input=inputs, output=str(output), shard_size=args.ray_shard_size, pool=pool,
                         run_id=f"bench-{work.name}",
                         engine=EngineConfig(embed_precision=args.embed_precision))
     t0 = time.perf_counter()
@@ -606,7 +607,7 @@ def run_ray(work: Workload, device: str, args, tmp: Path, log) -> dict:
     rows = dataset.read_table(str(output), S.FACES, columns=[S.SHARD]).num_rows
     return {"wall_s": round(wall, 3), "images": summary["images_in"], "faces": summary["faces"],
             "faces_rows_written": rows, "pipeline_wall_time_s": summary["wall_time_s"],
-            "shard_size": cfg.shard_size, "actors": cfg.actors, "cpus_per_actor": cfg.cpus_per_actor}
+            "shard_size": cfg.shard_size, "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor}
 
 
 def start_ray(num_gpus: int):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from workers.graph import PoolSettings
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -91,7 +92,7 @@ def prepared_lfw(tmp_path_factory, ray_session, lfw_subset) -> tuple[Path, dict]
 
     out = tmp_path_factory.mktemp("prepared") / "lfw"
     summary = run_prepare(PrepareConfig(input=str(lfw_subset), output=str(out), shard_size=64,
-                                        shards_per_call=1), log=lambda *_: None)
+                                        pool=PoolSettings(shards_per_call=1)), log=lambda *_: None)
     return out, summary
 
 

@@ -12,6 +12,7 @@ import schemas as S
 from workers import dataset
 from workers.evaluation import evaluate as E
 from workers.evaluation import verification as V
+from workers.graph import PoolSettings
 
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -177,7 +178,7 @@ def test_lfw_protocol_two_folds(ray_session, lfw_dir, tmp_path):
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     t0 = time.time()
     summary = run_prepare(PrepareConfig(input=str(tmp_path / "manifest.csv"), output=str(tmp_path / "lfw"),
-                                        shard_size=200, shards_per_call=1), log=lambda *_: None)
+                                        shard_size=200, pool=PoolSettings(shards_per_call=1)), log=lambda *_: None)
     prepare_s = time.time() - t0
     assert summary["images_in"] == len(keys)
     result = E.run_evaluate(E.EvaluateConfig(faces=str(tmp_path / "lfw"), pairs=str(lfw_dir / "pairs.txt"),

@@ -24,6 +24,7 @@ from tests.conftest import LFW_IMAGES, REPO, copy_people, lfw_people, needs_lfw
 from tests.s3util import MotoS3, free_port
 from workers import dataset
 from workers.pipeline import PrepareConfig, run_prepare
+from workers.graph import PoolSettings
 
 pytestmark = [needs_lfw, pytest.mark.slow]
 QUIET = dict(log=lambda *_: None)
@@ -69,7 +70,7 @@ def _wait_for(predicate, timeout: float, what: str):
 def test_face_actor_killed_mid_run(ray_session, fault_input, clean_run, tmp_path, fault_log):
     out = tmp_path / "out"
     t, box = _run_in_thread(PrepareConfig(input=str(fault_input), output=str(out), shard_size=4,
-                                          shards_per_call=1))
+                                          pool=PoolSettings(shards_per_call=1)))
     _wait_for(lambda: commits(out) >= 1, 240, "a first commit")
     victims = ray_workers("FaceActor")
     assert victims, "no FaceActor process found"
@@ -104,7 +105,7 @@ def test_s3_server_down_mid_run_is_retried(ray_session, fault_input, clean_run, 
     fs.mkdir("fault-raw")                        # moto's buckets live per process: names of our own
     fs.mkdir("fault-out")
     n = s3.upload_tree(fault_input, "s3://fault-raw/in")
-    cfg = PrepareConfig(input="s3://fault-raw/in/", output="s3://fault-out/run", shard_size=4, shards_per_call=1,
+    cfg = PrepareConfig(input="s3://fault-raw/in/", output="s3://fault-out/run", shard_size=4, pool=PoolSettings(shards_per_call=1),
                         storage_options=tuple(s3.options.items()))
     t, box = _run_in_thread(cfg)
     _wait_for(lambda: _s3_commits(s3) >= 1, 240, "a first S3 commit")

@@ -28,6 +28,7 @@ from tests.procs import kill_tree
 from workers import dataset
 from workers.lease import LEASE_FILE
 from workers.pipeline import PrepareConfig, run_prepare
+from workers.graph import PoolSettings
 
 QUIET = dict(log=lambda *_: None)
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -247,7 +248,7 @@ def test_8_device_cuda_without_a_gpu_is_one_line(ray_session, tmp_path):
     if ray.cluster_resources().get("GPU"):
         pytest.skip("this Ray has a GPU")
     with pytest.raises(ValueError, match="--device cuda, but the Ray cluster has no GPU"):
-        run_prepare(PrepareConfig(input=str(SAMPLE), output=str(tmp_path / "o"), device="cuda"), **QUIET)
+        run_prepare(PrepareConfig(input=str(SAMPLE), output=str(tmp_path / "o"), pool=PoolSettings(device="cuda")), **QUIET)
     assert not (tmp_path / "o" / LEASE_FILE).exists()
 
 

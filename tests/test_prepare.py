@@ -22,6 +22,7 @@ from workers import dataset
 from workers.lease import LEASE_FILE
 from workers.pipeline import PrepareConfig, run_prepare
 from workers.records import decode_crops
+from workers.graph import PoolSettings
 
 pytestmark = needs_lfw
 
@@ -121,7 +122,7 @@ def test_actor_pool_that_starves_decoding_is_refused(ray_session, tmp_path):
     src = tmp_path / "in"
     shutil.copytree(SAMPLE / "Colin_Powell", src / "Colin_Powell")
     out = tmp_path / "out"
-    greedy = PrepareConfig(input=str(src), output=str(out), cpus_per_actor=2)
+    greedy = PrepareConfig(input=str(src), output=str(out), pool=PoolSettings(cpus_per_actor=2))
     with pytest.raises(ValueError, match="leaving less than the 1 its read/decode tasks need"):
         run_prepare(greedy, log=lambda *_: None)
     assert not (out / LEASE_FILE).exists()

@@ -15,6 +15,7 @@ import schemas as S
 from workers import dataset, records, storage
 from workers.lease import LEASE_FILE, take_lease
 from workers.reprocess import EmbedActor, EmbedActorConfig, ReembedConfig, read_crops, run_reembed
+from workers.graph import PoolSettings
 
 # Stored crops are JPEG (quality 95) while the stored embeddings came from the raw crops, so re-embedding
 # with the same model cannot match to atol 1e-4 (elementwise differences reach ~0.02). Measured on the
@@ -72,7 +73,7 @@ def test_embed_actor_without_ray_matches_a_direct_embed(prepared_lfw):
 def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepared_copy):
     root = str(prepared_copy)
     faces = dataset.read_table(root, S.FACES)
-    summary = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1, run_id="re-1"), log=print)
+    summary = run_reembed(ReembedConfig(root=root, embedder="sface", pool=PoolSettings(actors=1), run_id="re-1"), log=print)
     assert summary["faces"] == faces.num_rows and summary["shards_skipped"] == 0 and not summary["nothing_to_do"]
     emb = dataset.read_embeddings(root, "sface")
     assert emb.schema.equals(S.embeddings_schema())
@@ -86,7 +87,7 @@ def test_reembed_same_embedder_matches_stored_and_rerun_skips(ray_session, prepa
     assert cos.min() > SAME_MODEL_MIN_COSINE and cos.mean() > SAME_MODEL_MEAN_COSINE
     assert ((new @ stored.T).argmax(1) == np.arange(len(new))).all()
 
-    again = run_reembed(ReembedConfig(root=root, embedder="sface", actors=1), log=print)
+    again = run_reembed(ReembedConfig(root=root, embedder="sface", pool=PoolSettings(actors=1)), log=print)
     assert again["nothing_to_do"] and again["shards_done"] == 0
     assert dataset.read_embeddings(root, "sface").column(S.RUN_ID).unique().to_pylist() == ["re-1"]
 
@@ -114,7 +115,7 @@ def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path)
     spec = dataclasses.replace(base.spec, name="sface-perturbed", version="test-perturbed-1")
     model_dir = save_embedder(module, spec, tmp_path / "model")
 
-    summary = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
+    summary = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), pool=PoolSettings(actors=1)), log=print)
     assert summary["embedder"] == "sface-perturbed" and summary["table"] == "embeddings/sface-perturbed"
     emb = dataset.read_embeddings(root, "sface-perturbed")
     faces = dataset.read_table(root, S.FACES)
@@ -134,11 +135,11 @@ def test_reembed_with_an_exported_embedder(ray_session, prepared_copy, tmp_path)
 
     # Same name, new version: every shard is redone; same version again: nothing.
     save_embedder(module, dataclasses.replace(spec, version="test-perturbed-2"), model_dir)
-    again = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)
+    again = run_reembed(ReembedConfig(root=root, embedder=str(model_dir), pool=PoolSettings(actors=1)), log=print)
     assert again["shards_done"] == summary["shards_done"] and again["shards_skipped"] == 0
     assert set(dataset.read_embeddings(root, "sface-perturbed").column(S.EMBEDDER_VERSION).to_pylist()) == {
         "test-perturbed-2"}
-    assert run_reembed(ReembedConfig(root=root, embedder=str(model_dir), actors=1), log=print)["nothing_to_do"]
+    assert run_reembed(ReembedConfig(root=root, embedder=str(model_dir), pool=PoolSettings(actors=1)), log=print)["nothing_to_do"]
 
 
 def test_reembed_respects_the_run_lease(prepared_copy):

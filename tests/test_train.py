@@ -148,7 +148,8 @@ def _config(root: Path, output: Path, exclude_pairs: str | None = None, **overri
     fields = dict(data=data, output=str(output),
                   loss=LossConfig(margin=0.2, mining="facenet"), workers=2, epochs=2, people_per_batch=4,
                   images_per_person=3, steps_per_epoch=2, lr=5e-4, head_lr_multiplier=20.0,
-                  warmup_epochs=0.5, use_gpu="false", keep_checkpoints=3, heldout_pairs_per_fold=40)
+                  warmup_epochs=0.5, use_gpu="false", keep_checkpoints=3, heldout_pairs_per_fold=40,
+                  heldout_degrade=("lowres:16",))
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -193,8 +194,10 @@ def test_training_lowers_the_loss_on_a_fixed_batch(trained_run):
         assert row["world_size"] == 2 and row["steps"] == 2
         assert row["samples"] == 2 * 2 * 4 * 3 and row["samples_per_s"] > 0
         for key in ("loss", "softmax", "center", "triplet", "num_triplets", "fraction_active", "lr",
-                    "heldout_accuracy", "heldout_accuracy_std", "heldout_val"):
+                    "heldout_accuracy", "heldout_accuracy_std", "heldout_val", "heldout_lowres16_accuracy"):
             assert np.isfinite(row[key]), key
+    # The held-out pairs are measured clean and in the 16 px domain from epoch 0 on; 16 px is harder.
+    assert before["heldout_lowres16_accuracy"] <= before["heldout_accuracy"]
     print(f"\nfirst run (2 workers, 2 epochs x 2 steps, P=4 K=3): {seconds['first_s']:.1f}s, "
           f"epoch times {[row['epoch_time_s'] for row in first_metrics[1:]]}, "
           f"samples/s {[row['samples_per_s'] for row in first_metrics[1:]]}")
@@ -226,6 +229,9 @@ def test_reports_and_heldout_split(trained_run, prepared_lfw):
     assert heldout["epochs"] == 3
     assert (output / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert heldout["after"]["num_folds"] == 3 and heldout["after"]["num_pairs"] == 3 * 40
+    assert heldout["domains"]["clean"]["after"] == heldout["after"]
+    assert heldout["domains"]["lowres:16"]["after"]["num_pairs"] == 3 * 40
+    assert set(second["heldout_domains"]) == {"clean", "lowres:16"}
     split = json.loads((output / SPLIT_FILE).read_text())
     counts = _faces_per_identity(prepared_lfw[0])
     assert set(split["excluded"]) == {name for name, n in counts.items() if n < 2}

@@ -43,15 +43,10 @@ class PrepareConfig:
         engine: detection / alignment settings.
         decode: decode limits.
         shard_size: images per output shard (and per decode task).
-        shards_per_call: shards handed to one face actor call.
-        actors: face actors (0: one per GPU, or 1 without GPUs).
-        gpus_per_actor: GPU share of each actor when the cluster has GPUs (fractions allowed).
-        cpus_per_actor: CPUs reserved by each actor.
-        device: "auto", "cuda" or "cpu" for the actors.
+        pool: the face actors' pool (actors, GPU / CPU shares, torch threads, shards per call, device).
         crop_quality: JPEG quality of stored crops.
         storage_options: fsspec options for input and output (e.g. endpoint_url).
         run_id: recorded in every row ("" = generated): letters, digits, ``.``, ``_``, ``-``.
-        torch_threads: intra-op threads per actor (0: see :func:`workers.graph.actor_threads`).
         retry_errors: reprocess every error row, not only transient ones (``schemas.TRANSIENT_ERRORS``).
         shared_fs: local --input/--output paths are on a filesystem every Ray node sees (a shared mount).
     """
@@ -62,20 +57,14 @@ class PrepareConfig:
     engine: EngineConfig = EngineConfig()
     decode: DecodeConfig = DecodeConfig()
     shard_size: int = 256
-    shards_per_call: int = 2
-    actors: int = 0
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0
-    device: str = "auto"
+    pool: PoolSettings = PoolSettings()
     crop_quality: int = 95
     storage_options: tuple[tuple[str, str], ...] = ()
     run_id: str = ""
-    torch_threads: int = 0
     retry_errors: bool = False
     shared_fs: bool = False
 
     def __post_init__(self):
-        self.pool  # validates the pool settings
         if not 1 <= self.shard_size <= dataset.MAX_COMMIT_URIS:
             raise ValueError(f"shard_size must be in [1, {dataset.MAX_COMMIT_URIS}] (one shard is one commit), "
                              f"got {self.shard_size}")
@@ -84,14 +73,8 @@ class PrepareConfig:
         check_run_id(self.run_id)
         from workers.faces.embedders import check_precision
 
-        check_precision(self.engine.embed_precision, None if self.device == "auto" else self.device)
-
-    @property
-    def pool(self) -> PoolSettings:
-        """The face actors' pool settings."""
-        return PoolSettings(actors=self.actors, gpus_per_actor=self.gpus_per_actor,
-                            cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
-                            shards_per_call=self.shards_per_call, device=self.device)
+        device = self.pool.device
+        check_precision(self.engine.embed_precision, None if device == "auto" else device)
 
 
 def settings_digest(cfg: "PrepareConfig", embedder_name: str, embedder_version: str) -> str:
@@ -201,7 +184,7 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
     own = lease is None
     lease = take_lease(cfg.output, run_id, "prepare", opts) if own else lease
     try:
-        check_cluster([cfg.input, cfg.output], cfg.device, cfg.engine.embed_precision, cfg.shared_fs)
+        check_cluster([cfg.input, cfg.output], cfg.pool.device, cfg.engine.embed_precision, cfg.shared_fs)
         dataset.create_dataset(cfg.output, checked.embedding_dim, opts)
         settings = settings_digest(cfg, checked.embedder_name, checked.embedder_version)
         done = dataset.read_table(cfg.output, S.IMAGES, opts,
@@ -230,8 +213,8 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
 
 def _run_graph(cfg: PrepareConfig, shards: list[dict], settings: str, opts: dict, log, lease) -> list[dict]:
     pool = cfg.pool
-    plan = plan_pool(pool, feeding_cpus=1.0, fused_on_cpu=cfg.cpus_per_actor == 1)  # decode asks for 1 CPU
-    actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=cfg.device, run_id=cfg.run_id,
+    plan = plan_pool(pool, feeding_cpus=1.0, fused_on_cpu=pool.cpus_per_actor == 1)  # decode asks for 1 CPU
+    actor_cfg = ActorConfig(engine=cfg.engine, embedder=cfg.embedder, device=pool.device, run_id=cfg.run_id,
                             settings=settings, torch_threads=plan.threads)
     read = Stage(decode_shard, {"storage_options": opts, "decode": cfg.decode}, cpus=1)
     commit = Stage(write_shard, {"output": cfg.output, "storage_options": opts, "crop_quality": cfg.crop_quality})

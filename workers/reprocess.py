@@ -43,15 +43,10 @@ class ReembedConfig:
         root: dataset root written by prepare (local or s3://).
         embedder: registry name (``sface``) or an exported embedder directory / URI.
         name: embeddings table name under ``<root>/embeddings/`` ("" = the embedder's ``spec.name``).
-        shards_per_call: faces shards handed to one actor call.
-        actors: embed actors (0: one per GPU, or 1 without GPUs).
-        gpus_per_actor: GPU share of each actor when the cluster has GPUs.
-        cpus_per_actor: CPUs reserved by each actor.
-        device: "auto", "cuda" or "cpu" for the actors.
+        pool: the embed actors' pool (actors, GPU / CPU shares, torch threads, shards per call, device).
         batch_size: crops per forward pass (0: by device, see ``embedders.default_embed_batch``).
         precision: embedder precision, "float32", "bfloat16" or "float16" (CUDA); see
             ``EngineConfig.embed_precision``.
-        torch_threads: intra-op threads per actor (0: ``workers.graph.actor_threads``).
         storage_options: fsspec options.
         run_id: recorded in every row ("" = generated).
         shared_fs: a local root is on a filesystem every Ray node sees.
@@ -60,14 +55,9 @@ class ReembedConfig:
     root: str
     embedder: str = "sface"
     name: str = ""
-    shards_per_call: int = 2
-    actors: int = 0
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0
-    device: str = "auto"
+    pool: PoolSettings = PoolSettings()
     batch_size: int = 0
     precision: str = "float32"
-    torch_threads: int = 0
     storage_options: tuple[tuple[str, str], ...] = ()
     run_id: str = ""
     shared_fs: bool = False
@@ -75,20 +65,12 @@ class ReembedConfig:
     def __post_init__(self):
         from workers.faces.embedders import check_precision
 
-        self.pool  # validates the pool settings
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0: by device), got {self.batch_size}")
-        check_precision(self.precision, None if self.device == "auto" else self.device)
+        check_precision(self.precision, None if self.pool.device == "auto" else self.pool.device)
         check_run_id(self.run_id)
         if self.name:
             dataset.embeddings_uri("", self.name)  # validates the name
-
-    @property
-    def pool(self) -> PoolSettings:
-        """The embed actors' pool settings."""
-        return PoolSettings(actors=self.actors, gpus_per_actor=self.gpus_per_actor,
-                            cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
-                            shards_per_call=self.shards_per_call, device=self.device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +253,7 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
     own = lease is None
     lease = take_lease(cfg.root, run_id, "reprocess", opts) if own else lease
     try:
-        check_cluster([cfg.root], cfg.device, cfg.precision, cfg.shared_fs)
+        check_cluster([cfg.root], cfg.pool.device, cfg.precision, cfg.shared_fs)
         per_shard = dataset.face_shards(cfg.root, opts)
         if per_shard.empty:
             raise ValueError(f"{cfg.root!r} holds no faces: run prepare first")
@@ -306,7 +288,7 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
 
 def _run_graph(cfg: ReembedConfig, todo: list[dict], name: str, run_id: str, opts: dict) -> list[dict]:
     plan = plan_pool(cfg.pool, feeding_cpus=READ_CPUS)
-    actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
+    actor_cfg = EmbedActorConfig(embedder=cfg.embedder, device=cfg.pool.device, batch_size=cfg.batch_size,
                                  precision=cfg.precision, run_id=run_id, torch_threads=plan.threads)
     read = Stage(read_crops, {"root": cfg.root, "storage_options": opts}, cpus=READ_CPUS)
     commit = Stage(write_embeddings, {"root": cfg.root, "name": name, "storage_options": opts})
