@@ -160,3 +160,36 @@ def test_heldout_reads_only_the_pairs_faces_and_measures_domains(prepared_lfw):
     row = H.flatten(metrics)
     assert row["heldout_accuracy"] == metrics["clean"]["accuracy"]
     assert row["heldout_lowres8_accuracy"] == metrics["lowres:8"]["accuracy"]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from workers.training.step import keep_bn_statistics
+
+    torch.set_num_threads(1)
+    crops, _ = _crops(5, people=2, per_person=2)
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    grads = []
+    for segments in (0, 4):
+        net = copy.deepcopy(load_embedder("sface").module)
+        net.frozen_stages = 3              # stem + 2 blocks frozen: recompute starts after them
+        for stage in net.stages[:3]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        net.checkpoint_segments = segments
+        net.train()
+        keep_bn_statistics(net)
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.Dropout):
+                layer.eval()
+        net(images).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointing_needs_frozen_bn():
+    from workers.training.config import TrainConfig
+    from workers.training.data import DataConfig
+
+    with pytest.raises(ValueError, match="checkpoint_activations needs freeze_bn"):
+        TrainConfig(data=DataConfig(faces="x"), output="o", checkpoint_activations=True)
+    assert TrainConfig(data=DataConfig(faces="x"), output="o", checkpoint_activations=True, freeze_bn=True)

@@ -114,6 +114,7 @@ class SFace(nn.Module):
         self.std = float(std)
         self.embedding_dim = embedding_dim
         self.frozen_stages = 0
+        self.checkpoint_segments = 0
         self.stem = _ConvBnPrelu(3, _SFACE_STEM_CHANNELS, 3, 1, groups=1)
         blocks, channels = [], _SFACE_STEM_CHANNELS
         for stride, out_channels in _SFACE_BLOCKS:
@@ -141,6 +142,17 @@ class SFace(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, *_SFACE_INPUT_SIZE):
             raise ValueError(f"SFace input must be [N, 3, 112, 112], got {tuple(x.shape)}")
         x = (x - self.mean) / self.std
+        if self.checkpoint_segments and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint_sequential
+
+            # Activation checkpointing: only segment boundaries are kept, the rest is recomputed in the
+            # backward pass (less memory, ~1/3 more compute). Frozen leading blocks need no recompute.
+            frozen = max(0, self.frozen_stages - 1)
+            x, trained = self.blocks[:frozen](self.stem(x)), self.blocks[frozen:]
+            if len(trained):
+                x = checkpoint_sequential(trained, min(self.checkpoint_segments, len(trained)), x,
+                                          use_reentrant=False)
+            return self.head(x)
         return self.head(self.blocks(self.stem(x)))
 
     def train(self, mode: bool = True) -> SFace:

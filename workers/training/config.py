@@ -73,6 +73,9 @@ class TrainConfig:
             learns the degraded one.
         freeze_bn: keep the BatchNorm statistics of the starting model (BN layers in eval mode; their
             affine weights still train), so small augmented batches cannot drift them.
+        checkpoint_activations: keep only a few activations of the backbone's trained blocks and recompute
+            the rest in the backward pass (about 1/3 more compute for several times less memory per step);
+            needs ``freeze_bn`` (a recomputed BatchNorm would move its running statistics twice).
         precision: autocast precision of the training forward pass (``workers.training.step.PRECISIONS``).
         heldout_degrade: degradations (:func:`workers.faces.degrade.parse_degrade` specs, e.g.
             ``lowres:16``) whose held-out verification is measured beside the clean one every epoch.
@@ -108,6 +111,7 @@ class TrainConfig:
     augment: AugmentConfig = AugmentConfig()
     distill_weight: float = 0.0
     freeze_bn: bool = False
+    checkpoint_activations: bool = False
     precision: str = "auto"
     heldout_degrade: tuple[str, ...] = ()
     run_id: str = ""
@@ -143,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"far_target must be in [0, 1], got {self.far_target}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.checkpoint_activations and not self.freeze_bn:
+            raise ValueError("checkpoint_activations needs freeze_bn: a recomputed BatchNorm would update its "
+                             "running statistics twice per step")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         for spec in self.heldout_degrade:

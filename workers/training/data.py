@@ -150,8 +150,12 @@ def excluded_identities(pairs_path: str | None) -> set[str]:
     return pair_identities(read_pairs(pairs_path))
 
 
-def read_face_index(cfg: DataConfig) -> pd.DataFrame:
+def read_face_index(cfg: DataConfig, identities: Sequence[str] | None = None) -> pd.DataFrame:
     """The faces usable for training or evaluation, without their crops.
+
+    Args:
+        cfg: where the faces are.
+        identities: only these identities' rows (filter pushed down to the scan); None: all.
 
     Returns:
         DataFrame with columns ``image_id``, ``identity``, ``face_index`` (one row per kept face: a
@@ -159,12 +163,15 @@ def read_face_index(cfg: DataConfig) -> pd.DataFrame:
         face_index.
 
     Raises:
-        ValueError: the dataset holds no faces with an identity.
+        ValueError: the dataset holds no faces with an identity (asked for all of them).
     """
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX]
-    table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns)
+    where = None if identities is None else pc.field(S.IDENTITY).isin(pa.array(list(identities), pa.string()))
+    if where is not None and not cfg.all_faces:
+        where = where & (pc.field(S.FACE_INDEX) == 0)
+    table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
     frame = _keep_rows(table.to_pandas())
-    if frame.empty:
+    if frame.empty and identities is None:
         raise ValueError(f"{cfg.faces!r} holds no faces with an identity in its {S.FACES!r} table "
                          f"({table.num_rows} face rows in all); prepare it from an <identity>/<image> "
                          f"tree or a manifest with an {S.IDENTITY!r} column")

@@ -91,8 +91,7 @@ def load_heldout(data: DataConfig, split: IdentitySplit, max_folds: int, max_pai
     """
     if not split.heldout:
         return None
-    index = read_face_index(data)
-    index = index[index[S.IDENTITY].isin(set(split.heldout))].reset_index(drop=True)
+    index = read_face_index(data, split.heldout)   # only the held-out identities' rows are read
     keys = face_keys(index)
     pairs = heldout_protocol(index[S.IDENTITY].to_numpy(dtype=object), keys, max_folds, max_pairs_per_fold,
                              data.seed)

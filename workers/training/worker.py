@@ -40,6 +40,8 @@ from workers.training.stream import open_worker_shard, prefetch_batches, probe_b
 #: Decoding threads of a worker: its reserved CPUs, clamped to this range; batches decoded ahead of the step.
 DECODE_THREADS = (2, 4)
 PREFETCH_BATCHES = 3
+#: Segments of the trained blocks with --checkpoint-activations (activations kept at their boundaries).
+ACTIVATION_SEGMENTS = 4
 
 
 class ChiefEvaluator:
@@ -153,6 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not isinstance(backbone, SFace):
         raise ValueError(f"--init {cfg.init!r} is a {type(backbone).__name__}, fine-tuning needs an SFace")
     teacher = frozen_teacher(backbone).to(device) if cfg.distill_weight > 0 else None
+    backbone.checkpoint_segments = ACTIVATION_SEGMENTS if cfg.checkpoint_activations else 0
     torch.manual_seed(cfg.data.seed)  # the same classifier init on every worker (DDP broadcasts rank 0's anyway)
     net = FaceTrainNet(backbone, CombinedLoss(len(split.train), backbone.embedding_dim, cfg.loss))
     freeze_layers(backbone, cfg.freeze_stages)
