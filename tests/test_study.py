@@ -27,7 +27,7 @@ def _pairs_file(root: Path, path: Path) -> list[list[str]]:
     """A View-2-like pairs file over the fixture: 4 identity-disjoint folds of 4 people, 2 same + 2 different
     pairs each. Returns the people of each fold."""
     faces = read_table(str(root), S.FACES, columns=[S.IDENTITY, S.URI]).to_pandas()
-    per = faces.groupby(S.IDENTITY)[S.URI].apply(lambda u: sorted(int(x.rsplit("_", 1)[1][:4]) for x in u))
+    per = faces.groupby(S.IDENTITY)[S.URI].apply(lambda u: sorted({int(x.rsplit("_", 1)[1][:4]) for x in u}))
     people = sorted(n for n, images in per.items() if len(images) >= 4)[:16]
     folds = [people[i:i + 4] for i in range(0, 16, 4)]
     lines = ["4\t2"]
