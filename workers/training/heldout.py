@@ -128,7 +128,7 @@ def summarize(metrics: dict, num_pairs: int) -> dict[str, float]:
     """The JSON-friendly numbers of :func:`verification_metrics` kept in metrics rows."""
     accuracy, val = metrics["accuracy"], metrics["val_at_far"]
     return {"accuracy": accuracy["mean"], "accuracy_std": accuracy["std"], "val": val["val"],
-            "val_std": val["val_std"], "far": val["far"], "far_target": float(val.get("far_target", np.nan)),
+            "val_std": val["val_std"], "far": val["far"], "far_target": float(val["far_target"]),
             "num_pairs": int(num_pairs), "num_folds": int(len(accuracy["folds"]))}
 
 
@@ -146,9 +146,7 @@ def heldout_metrics(heldout: HeldoutSet, embed: EmbedFn, domains: Sequence[str],
     for spec in (CLEAN, *[d for d in domains if d != CLEAN]):
         embeddings = domain_embeddings(heldout, embed, spec, batch_size)
         scores, valid = pair_scores(heldout.pairs, heldout.keys, embeddings)
-        result = summarize(verification_metrics(scores, same, folds, valid, far_target), len(heldout.pairs))
-        result["far_target"] = float(far_target)
-        out[spec] = result
+        out[spec] = summarize(verification_metrics(scores, same, folds, valid, far_target), len(heldout.pairs))
     return out
 
 

@@ -157,7 +157,7 @@ class TrainStep:
         self.scheduler = WarmupCosine(self.optimizer, total_epochs, warmup_epochs, min_lr_ratio)
         self.amp_dtype = autocast_dtype(precision, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self._base_lrs = [g["lr"] for g in param_groups(net, lr, head_lr_multiplier, weight_decay)]
+        self._base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]   # this run's, set above
 
     def train(self) -> None:
         """Training mode (BatchNorm statistics kept fixed with ``freeze_bn``)."""
