@@ -72,3 +72,39 @@ def test_cuda_stage_matches_cpu(images):
     assert ((got.embeddings * cpu.embeddings).sum(1)).min() > 0.999
     fp16 = FaceEngine(gpu.detector, gpu.embedder, EngineConfig(embed_precision="float16")).process(images)
     assert ((fp16.embeddings * cpu.embeddings).sum(1)).min() > 0.99
+
+
+def test_profiling_hook_sees_every_stage_and_changes_nothing(images):
+    """``process(timer=...)`` enters each stage once, in order, with the detector's parts inside the
+    detector stages; the results are those of a run without a timer."""
+    import contextlib
+
+    from workers.faces.profile import PARTS, STAGES
+
+    class Recorder:
+        def __init__(self):
+            self.stages, self.parts, self.current = [], set(), None
+
+        @contextlib.contextmanager
+        def stage(self, name):
+            assert self.current is None, (self.current, name)     # stages never nest
+            self.stages.append(name)
+            self.current = name
+            yield
+            self.current = None
+
+        @contextlib.contextmanager
+        def part(self, name):
+            assert self.current in ("pnet", "rnet", "onet"), (self.current, name)
+            self.parts.add((self.current, name))
+            yield
+
+    engine = _engine()
+    recorder = Recorder()
+    timed = engine.process(images, timer=recorder)
+    plain = engine.process(images)
+    assert tuple(recorder.stages) == STAGES
+    assert {p for _, p in recorder.parts} == set(PARTS)
+    np.testing.assert_array_equal(timed.num_faces, plain.num_faces)
+    np.testing.assert_array_equal(timed.boxes, plain.boxes)
+    np.testing.assert_array_equal(timed.embeddings, plain.embeddings)

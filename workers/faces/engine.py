@@ -11,6 +11,7 @@ import torch.nn as nn
 from workers.faces.align import AlignConfig, align_faces
 from workers.faces.embedders import check_precision, embed_crops, fold_batchnorm
 from workers.faces.mtcnn import MTCNN, MTCNNConfig
+from workers.faces.profile import NO_TIMER, StageTimer
 from workers.faces.resample import pad_images, patch_canvas
 
 
@@ -97,34 +98,41 @@ class FaceEngine:
         return self.detector.device
 
     @torch.inference_mode()
-    def detect_align(self, images: list) -> AlignedFaces:
+    def detect_align(self, images: list, timer: StageTimer = NO_TIMER) -> AlignedFaces:
         """Detect and align every face (no embedding); results stay on the engine's device.
 
         Args:
             images: B RGB images uint8[H_i, W_i, 3] of any sizes.
+            timer: profiling hook (:mod:`workers.faces.profile`): stages upload (padding, the copy to the
+                device and the crop canvas), pnet, rnet, onet, align.
         """
-        batch, sizes = pad_images(images, self.device)
-        batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
-        canvas = patch_canvas(batch, sizes)  # one for the R-Net, O-Net and alignment patches
-        det = self.detector.detect([], batch=batch, sizes=sizes, canvas=canvas)
-        image_index, boxes, scores, landmarks = det.flat()
-        crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align, canvas)
+        with timer.stage("upload"):
+            batch, sizes = pad_images(images, self.device)
+            batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
+            canvas = patch_canvas(batch, sizes)  # one for the R-Net, O-Net and alignment patches
+        det = self.detector.detect([], batch=batch, sizes=sizes, canvas=canvas, timer=timer)
+        with timer.stage("align"):
+            image_index, boxes, scores, landmarks = det.flat()
+            crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align, canvas)
         return AlignedFaces(det.num_faces, image_index, boxes, scores, landmarks, crops, sizes)
 
     @torch.inference_mode()
-    def process(self, images: list) -> FaceResults:
+    def process(self, images: list, timer: StageTimer = NO_TIMER) -> FaceResults:
         """Detect, align and embed every face.
 
         Args:
             images: B RGB images uint8[H_i, W_i, 3] of any sizes.
+            timer: profiling hook: the stages of :meth:`detect_align`, then embed and to_host.
 
         Returns:
             :class:`FaceResults` on the host.
         """
-        f = self.detect_align(images)
-        emb = embed_crops(self.embedder, f.crops, self.config.embed_batch_size, self.config.embed_precision)
-        return FaceResults(
-            num_faces=f.num_faces.int().cpu().numpy(), image_index=f.image_index.cpu().numpy(),
-            boxes=f.boxes.float().cpu().numpy(), scores=f.scores.float().cpu().numpy(),
-            landmarks=f.landmarks.float().cpu().numpy(), crops=f.crops.cpu().numpy(),
-            embeddings=emb.cpu().numpy())
+        f = self.detect_align(images, timer)
+        with timer.stage("embed"):
+            emb = embed_crops(self.embedder, f.crops, self.config.embed_batch_size, self.config.embed_precision)
+        with timer.stage("to_host"):
+            return FaceResults(
+                num_faces=f.num_faces.int().cpu().numpy(), image_index=f.image_index.cpu().numpy(),
+                boxes=f.boxes.float().cpu().numpy(), scores=f.scores.float().cpu().numpy(),
+                landmarks=f.landmarks.float().cpu().numpy(), crops=f.crops.cpu().numpy(),
+                embeddings=emb.cpu().numpy())

@@ -4,23 +4,23 @@ P-Net (12x12, fully convolutional) scans an image pyramid; R-Net (24x24) and O-N
 refine the surviving boxes; O-Net also returns 5 landmarks. Every stage runs on the whole batch at once:
 pyramid levels are batched across images (area resize by matrix products), candidates of all images go
 through one NMS call per stage, and the R-Net / O-Net crops of all boxes are cut by one ``grid_sample``.
-
-Weights are the original (Caffe/MATLAB) MTCNN weights shipped as data by the PyPI package ``mtcnn==1.0.0``
-(Keras layout: conv kernels HWIO, PReLU alphas (1, 1, C), dense (in, out)); they are converted here.
+The nets and their weights live in :mod:`workers.faces.mtcnn_nets`.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from workers.faces.mtcnn_nets import ONet, PNet, RNet, keras_to_state_dict, load_mtcnn_nets, max_pool_2x2_ceil
 from workers.faces.nms import batched_nms
+from workers.faces.profile import NO_TIMER, StageTimer
 from workers.faces.resample import box_to_affine, pad_images, patch_canvas, resize_area, sample_patches
-from workers.faces.weights import MTCNN_MODELS, resolve
+
+__all__ = ["MTCNN", "MTCNNConfig", "Detections", "pyramid_scales", "default_stage1_pixels", "default_crop_chunk",
+           "PNet", "RNet", "ONet", "keras_to_state_dict", "load_mtcnn_nets", "max_pool_2x2_ceil"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,134 +84,6 @@ def default_crop_chunk(device: torch.device | str) -> int:
     where a chunk's crops and activations then stay in cache (2 cores: R-Net 28 us/box at 64 against
     81 at 4096, O-Net 185 against 477)."""
     return 4096 if torch.device(device).type == "cuda" else 64
-
-
-def max_pool_2x2_ceil(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2, 2, ceil_mode=True)`` as the maximum of four strided views: float[B, C, H, W] ->
-    [B, C, ceil(H / 2), ceil(W / 2)], the same values. For P-Net's 10 channels in NHWC the pooling
-    kernel is slow (2 cores, [32, 10, 148, 148]: 7.8 ms against 1.8 ms here)."""
-    h, w = x.shape[-2:]
-    if h % 2 or w % 2:  # ceil mode: the last window hangs over the edge; -inf never wins the max
-        x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
-    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
-    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
-
-
-class PNet(nn.Module):
-    """Proposal net: uint8-normalised float[B, 3, H, W] -> (face prob [B, H', W'], box reg [B, 4, H', W'])."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
-        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
-        self.score, self.reg = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
-
-    def forward(self, x):
-        x = max_pool_2x2_ceil(self.prelu1(self.conv1(x)))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x)
-
-
-class RNet(nn.Module):
-    """Refine net: float[N, 3, 24, 24] -> (face prob [N], box reg [N, 4])."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
-        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
-        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
-        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
-        self.score, self.reg = nn.Linear(128, 2), nn.Linear(128, 4)
-
-    def forward(self, x):
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = self.prelu3(self.conv3(x))
-        # Caffe/MATLAB order: features flattened as (W, H, C).
-        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).flatten(1)))
-        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x)
-
-
-class ONet(nn.Module):
-    """Output net: float[N, 3, 48, 48] -> (face prob [N], box reg [N, 4], landmarks [N, 10] as x1..x5 y1..y5)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
-        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
-        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
-        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
-        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
-        self.score, self.reg, self.landmarks = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
-        x = self.prelu4(self.conv4(x))
-        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).flatten(1)))
-        return torch.softmax(self.score(x), 1)[:, 1], self.reg(x), self.landmarks(x)
-
-
-# Order of the arrays in the Keras weight files, as (module attribute, parameter) per array.
-_KERAS_ORDER = {
-    "pnet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "reg", "score"],
-    "rnet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "dense4", "prelu4", "reg", "score"],
-    "onet": ["conv1", "prelu1", "conv2", "prelu2", "conv3", "prelu3", "conv4", "prelu4", "dense5", "prelu5",
-             "reg", "landmarks", "score"],
-}
-
-
-def keras_to_state_dict(arrays: list[np.ndarray], stage: str) -> dict[str, torch.Tensor]:
-    """Convert one MTCNN stage's Keras arrays to a torch state_dict.
-
-    Args:
-        arrays: the list stored in ``mtcnn/assets/weights/<stage>.lz4``: per conv a kernel float[kh, kw, in,
-            out] and a bias, per PReLU alphas float[1, 1, C] or [C], per dense a kernel float[in, out] and
-            a bias.
-        stage: "pnet", "rnet" or "onet".
-
-    Returns:
-        state_dict for :class:`PNet`, :class:`RNet` or :class:`ONet`.
-
-    Raises:
-        ValueError: the arrays do not match the stage's layout.
-    """
-    out: dict[str, torch.Tensor] = {}
-    it = iter(arrays)
-    try:
-        for name in _KERAS_ORDER[stage]:
-            if name.startswith("prelu"):
-                out[f"{name}.weight"] = torch.from_numpy(np.asarray(next(it), np.float32).reshape(-1))
-                continue
-            kernel = np.asarray(next(it), np.float32)
-            if kernel.ndim == 4:      # HWIO -> OIHW
-                kernel = kernel.transpose(3, 2, 0, 1)
-            elif kernel.ndim == 2:    # (in, out) -> (out, in)
-                kernel = kernel.T
-            else:
-                raise ValueError(f"{stage}.{name}: unexpected kernel shape {kernel.shape}")
-            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
-            out[f"{name}.bias"] = torch.from_numpy(np.asarray(next(it), np.float32))
-    except StopIteration:
-        raise ValueError(f"{stage}: weight file has {len(arrays)} arrays, too few") from None
-    if next(it, None) is not None:
-        raise ValueError(f"{stage}: weight file has {len(arrays)} arrays, too many")
-    return out
-
-
-def load_mtcnn_nets(device: torch.device | str = "cpu") -> tuple[PNet, RNet, ONet]:
-    """Build the three nets with the pretrained weights (read from the ``mtcnn`` package's data files)."""
-    import joblib
-
-    nets = []
-    for stage, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet)):
-        arrays = joblib.load(resolve(MTCNN_MODELS[stage].weights))
-        net = cls()
-        net.load_state_dict(keras_to_state_dict(arrays, stage))
-        nets.append(net.eval().to(device))
-    return tuple(nets)
 
 
 @dataclasses.dataclass
@@ -302,8 +174,8 @@ class MTCNN(nn.Module):
         return self.pnet.conv1.weight.device
 
     @torch.inference_mode()
-    def detect(self, images: list, batch: torch.Tensor | None = None,
-               sizes: torch.Tensor | None = None, canvas: torch.Tensor | None = None) -> Detections:
+    def detect(self, images: list, batch: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
+               canvas: torch.Tensor | None = None, timer: StageTimer = NO_TIMER) -> Detections:
         """Detect faces in every image.
 
         Args:
@@ -311,6 +183,8 @@ class MTCNN(nn.Module):
             batch: optional already padded uint8/float[B, 3, H_max, W_max] on the detector's device.
             sizes: int64[B, 2] (H, W) per image, with batch.
             canvas: ``patch_canvas(batch, sizes)`` when the caller built it (to cut more patches later).
+            timer: profiling hook (:mod:`workers.faces.profile`): stages pnet, rnet (with the crop canvas
+                when it is built here), onet (with the selection), and their parts.
 
         Returns:
             :class:`Detections` padded over the batch.
@@ -318,32 +192,36 @@ class MTCNN(nn.Module):
         if batch is None:
             batch, sizes = pad_images(images, self.device)
         batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
-        canvas = patch_canvas(batch, sizes) if canvas is None else canvas   # one for R-Net and O-Net
         n_img = batch.shape[0]
-        cand = self.stage1(batch, sizes)
-        cand = self.stage2(batch, sizes, *cand, canvas=canvas)
-        img, boxes, scores, marks = self.stage3(batch, sizes, *cand, canvas=canvas)
-        return self.select(img, boxes, scores, marks, sizes, n_img)
+        with timer.stage("pnet"):
+            cand = self.stage1(batch, sizes, timer)
+        with timer.stage("rnet"):
+            canvas = patch_canvas(batch, sizes) if canvas is None else canvas   # one for R-Net and O-Net
+            cand = self.stage2(batch, sizes, *cand, canvas=canvas, timer=timer)
+        with timer.stage("onet"):
+            img, boxes, scores, marks = self.stage3(batch, sizes, *cand, canvas=canvas, timer=timer)
+            return self.select(img, boxes, scores, marks, sizes, n_img)
 
-    def stage1(self, batch, sizes):
-        """Stage 1 (public so that benchmarks time the stages; ``detect`` runs stage1 -> stage2 -> stage3 ->
-        select): P-Net over the pyramid, in groups of images of at most ``stage1_pixels`` padded pixels (each
-        image's candidates depend on that image alone, so grouping changes nothing but speed)."""
+    def stage1(self, batch, sizes, timer: StageTimer = NO_TIMER):
+        """Stage 1 (``detect`` runs stage1 -> stage2 -> stage3 -> select): P-Net over the pyramid, in groups
+        of images of at most ``stage1_pixels`` padded pixels (each image's candidates depend on that image
+        alone, so grouping changes nothing but speed)."""
         cfg = self.config
         n_img, _, h_max, w_max = batch.shape
         budget = cfg.stage1_pixels or default_stage1_pixels(batch.device)
         per_group = max(1, min(n_img, budget // max(1, h_max * w_max)))
-        found = [self._pnet_candidates(batch[g:g + per_group], sizes[g:g + per_group], g)
+        found = [self._pnet_candidates(batch[g:g + per_group], sizes[g:g + per_group], g, timer)
                  for g in range(0, n_img, per_group)]
         parts = [part for group in found for part in group]
         if not parts:
             empty = batch.new_zeros((0, 4))
             return torch.zeros(0, dtype=torch.int64, device=batch.device), empty
         img, boxes, scores, reg = (torch.cat(column) for column in zip(*parts))
-        keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[1])
+        with timer.part("nms"):
+            keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[1])
         return img[keep], _square(_regress(boxes[keep], reg[keep]))
 
-    def _pnet_candidates(self, batch, sizes, offset: int) -> list[tuple]:
+    def _pnet_candidates(self, batch, sizes, offset: int, timer: StageTimer) -> list[tuple]:
         """P-Net candidates of every pyramid level of a group of images, after NMS within each level.
 
         Args:
@@ -364,8 +242,11 @@ class MTCNN(nn.Module):
             out_sizes = torch.ceil(sub_sizes.double() * scale).long().clamp_min(1)
             h_max, w_max = int(sub_sizes[:, 0].max()), int(sub_sizes[:, 1].max())
             source = batch if members.numel() == batch.shape[0] else batch[members]  # no copy when all take part
-            level = resize_area(source[:, :, :h_max, :w_max], sub_sizes, out_sizes)
-            prob, reg = self.pnet(self._layout(_normalise(level)))
+            with timer.part("resize"):
+                level = resize_area(source[:, :, :h_max, :w_max], sub_sizes, out_sizes)
+            level = self._layout(_normalise(level))
+            with timer.part("net"):
+                prob, reg = self.pnet(level)
             # A cell is a 12x12 window at stride 2; keep cells whose window lies inside the image.
             gy = torch.arange(prob.shape[1], device=prob.device)[None, :, None]
             gx = torch.arange(prob.shape[2], device=prob.device)[None, None, :]
@@ -379,12 +260,13 @@ class MTCNN(nn.Module):
             boxes = (boxes * f[:, [1, 0, 1, 0]]).float()
             scores = prob[b, y, x]
             img = members[b] + offset
-            keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[0],
-                               max_per_group=cfg.max_candidates_per_level)
+            with timer.part("nms"):
+                keep = batched_nms(boxes, scores, img, cfg.nms_thresholds[0],
+                                   max_per_group=cfg.max_candidates_per_level)
             found.append((img[keep], boxes[keep], scores[keep], reg[b[keep], :, y[keep], x[keep]]))
         return found
 
-    def _score_crops(self, net, batch, sizes, img, boxes, side, canvas=None):
+    def _score_crops(self, net, batch, sizes, img, boxes, side, canvas, timer: StageTimer):
         """Cut side x side crops of all boxes and run ``net`` on them, in chunks of ``crop_chunk`` boxes
         (0: :func:`default_crop_chunk` of the device)."""
         chunk = self.config.crop_chunk or default_crop_chunk(batch.device)
@@ -392,31 +274,35 @@ class MTCNN(nn.Module):
         outs = []
         for i in range(0, img.shape[0], chunk):
             affine = box_to_affine(boxes[i:i + chunk], (side, side))
-            patches = sample_patches(batch, sizes, img[i:i + chunk], affine, (side, side),
-                                     self.config.crop_supersample, canvas=canvas)
-            outs.append(net(self._layout(_normalise(patches))))
+            with timer.part("crops"):
+                patches = sample_patches(batch, sizes, img[i:i + chunk], affine, (side, side),
+                                         self.config.crop_supersample, canvas=canvas)
+            patches = self._layout(_normalise(patches))
+            with timer.part("net"):
+                outs.append(net(patches))
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    def stage2(self, batch, sizes, img, boxes, canvas=None):
+    def stage2(self, batch, sizes, img, boxes, canvas=None, timer: StageTimer = NO_TIMER):
         """R-Net over P-Net's candidates (image index int64[N], boxes float[N, 4]): those above the
         threshold, regressed, squared and NMS-ed per image, as (int64[M], float[M, 4])."""
         cfg = self.config
         if img.numel() == 0:
             return img, boxes
-        prob, reg = self._score_crops(self.rnet, batch, sizes, img, boxes, 24, canvas)
+        prob, reg = self._score_crops(self.rnet, batch, sizes, img, boxes, 24, canvas, timer)
         ok = prob >= cfg.thresholds[1]
         img, boxes, prob, reg = img[ok], boxes[ok], prob[ok], reg[ok]
-        keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
+        with timer.part("nms"):
+            keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[2])
         return img[keep], _square(_regress(boxes[keep], reg[keep]))
 
-    def stage3(self, batch, sizes, img, boxes, canvas=None):
+    def stage3(self, batch, sizes, img, boxes, canvas=None, timer: StageTimer = NO_TIMER):
         """O-Net over R-Net's boxes: (image index int64[K], boxes float[K, 4], scores float[K], landmarks
         float[K, 5, 2]) of the faces above the threshold, regressed and NMS-ed (min mode) per image."""
         cfg = self.config
         if img.numel() == 0:
             z = batch.new_zeros
             return img, z((0, 4)), z((0,)), z((0, 5, 2))
-        prob, reg, lm = self._score_crops(self.onet, batch, sizes, img, boxes, 48, canvas)
+        prob, reg, lm = self._score_crops(self.onet, batch, sizes, img, boxes, 48, canvas, timer)
         ok = prob >= cfg.thresholds[2]
         img, boxes, prob, reg, lm = img[ok], boxes[ok], prob[ok], reg[ok], lm[ok]
         wh = boxes[:, 2:] - boxes[:, :2]
@@ -424,7 +310,8 @@ class MTCNN(nn.Module):
         marks = torch.stack([boxes[:, None, 0] + lm[:, :5] * wh[:, None, 0],
                              boxes[:, None, 1] + lm[:, 5:] * wh[:, None, 1]], -1) - 0.5
         boxes = _regress(boxes, reg)
-        keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[3], mode="min")
+        with timer.part("nms"):
+            keep = batched_nms(boxes, prob, img, cfg.nms_thresholds[3], mode="min")
         return img[keep], boxes[keep], prob[keep], marks[keep]
 
     def select(self, img, boxes, scores, marks, sizes, n_img) -> Detections:
