@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import schemas as S
-from workers import dataset, plots, report, storage
+from workers import dataset, plots, report, report_data, storage
 from workers.faces.align import AlignConfig, crop_landmarks
 
 DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
@@ -48,7 +48,7 @@ def _summary(rows: list[dict], **extra) -> dict:
             "images_with_faces": sum(r["ok"] for r in rows), "images_no_face": sum(r["no_face"] for r in rows),
             "images_error": sum(r["error"] for r in rows), "errors_by_reason": reasons,
             "faces": sum(r["faces"] for r in rows), "shards": len(rows), "skipped_non_image_files": 2,
-            "skipped_examples": ["a.txt", "b.json"], "median_face_size_px": 88.5, "wall_time_s": 61.25,
+            "skipped_by_reason": {"not_an_image_extension": 2}, "skipped_examples": ["a.txt", "b.json"], "median_face_size_px": 88.5, "wall_time_s": 61.25,
             "images_per_s": 9.87, **extra}
 
 
@@ -283,9 +283,25 @@ def test_real_transform_is_the_crops(prepared_lfw):
 
 
 def test_run_record_sets_the_template_framing(tmp_path):
-    record = {"config": {"engine": {"align": {"size": 112, "margin": 0.1,
-                                               "template": [list(p) for p in AlignConfig().template]}}}}
-    storage.put_atomic(str(tmp_path / storage.RUNS / "run-1.json"), json.dumps(record).encode())
-    align = report._run_align(str(tmp_path), "run-1", 112, None)
+    from workers.faces.engine import EngineConfig
+    from workers.pipeline import PrepareConfig
+    from workers.runs import write_run_record
+
+    cfg = PrepareConfig(input="in", output=str(tmp_path), run_id="run-1",
+                        engine=EngineConfig(align=AlignConfig(margin=0.1)))
+    write_run_record(str(tmp_path), _summary([], run_id="run-1"), cfg)
+    align = report_data.run_align(str(tmp_path), "run-1", 112, None)
     assert align == AlignConfig(size=112, margin=0.1)
-    assert report._run_align(str(tmp_path), "missing", 96, None) == AlignConfig(size=96)
+    assert report_data.run_align(str(tmp_path), "missing", 96, None) == AlignConfig(size=96)
+
+
+def test_run_record_is_typed_and_names_a_missing_key(tmp_path):
+    from workers.runs import PrepareSummary, read_prepare_record
+
+    storage.put_atomic(str(tmp_path / storage.RUNS / "run-2.json"), json.dumps(_summary([])).encode())
+    with pytest.raises(ValueError, match="has no 'config'"):
+        read_prepare_record(str(tmp_path), "run-2")
+    partial = _summary([])
+    partial.pop("faces")
+    with pytest.raises(ValueError, match="has no 'faces'"):
+        PrepareSummary.from_dict(partial)

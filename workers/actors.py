@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -167,32 +168,52 @@ class FaceActor:
         return merged, failed
 
     def _shard_tables(self, batch, i, res, failed, owner, first):
-        uris = list(batch["uris"][i])
-        heights = np.asarray(batch["heights"][i], np.int64)
-        widths = np.asarray(batch["widths"][i], np.int64)
-        errors = list(batch["errors"][i])
-        details = list(batch["details"][i])
-        decoded = np.nonzero(heights > 0)[0]                     # shard-local index of each decoded image
+        row = {key: batch[key][i] for key in ("shard", "uris", "identities", "fingerprints", "heights", "widths")}
+        errors, details = list(batch["errors"][i]), list(batch["details"][i])
+        decoded = np.nonzero(np.asarray(row["heights"], np.int64) > 0)[0]  # shard-local index per decoded image
         lo, hi = first[i], first[i + 1]
-        num_faces = np.zeros(len(uris), np.int32)
-        num_faces[decoded] = res.num_faces[lo:hi]
         for g in range(lo, hi):
             if g in failed:
                 errors[decoded[g - lo]] = S.ERR_PROCESS
                 details[decoded[g - lo]] = failed[g]
         sel = (res.image_index >= lo) & (res.image_index < hi)
-        spec = self.embedder.spec
-        identities = list(batch["identities"][i])
-        images = records.images_table(
-            shard=batch["shard"][i], uris=uris, identities=identities,
-            fingerprints=list(batch["fingerprints"][i]), widths=widths, heights=heights, errors=errors,
-            details=details, num_faces=num_faces, settings=self.config.settings, run_id=self.config.run_id)
-        faces = records.faces_table(
-            shard=batch["shard"][i], uris=uris, identities=identities,
-            image_index=decoded[res.image_index[sel] - lo], boxes=res.boxes[sel], scores=res.scores[sel],
-            landmarks=res.landmarks[sel], crops=None, embeddings=res.embeddings[sel],
-            embedder=spec.name, embedder_version=spec.version, run_id=self.config.run_id)
-        return shard_row(batch["shard"][i], images, faces, res.crops[sel])
+        mine = dataclasses.replace(
+            res, num_faces=res.num_faces[lo:hi], image_index=res.image_index[sel] - lo, boxes=res.boxes[sel],
+            scores=res.scores[sel], landmarks=res.landmarks[sel], crops=res.crops[sel],
+            embeddings=res.embeddings[sel])
+        return face_shard_row({**row, "errors": errors, "details": details}, mine, self.embedder.spec,
+                              self.config.settings, self.config.run_id)
+
+
+def face_shard_row(row: Mapping, res, spec, settings: str, run_id: str) -> dict:
+    """A decoded shard and the face engine's results on it, as the row the writer commits.
+
+    Args:
+        row: the shard's shard, uris, identities, fingerprints, heights, widths, errors, details (per file,
+            as :func:`decode_shard` returns them; height 0 = not decoded).
+        res: ``FaceResults`` of the shard's decoded images, in order (``image_index`` counts decoded images).
+        spec: the embedder's ``ModelSpec`` (name, version).
+        settings: digest of the run's settings.
+        run_id: recorded in every row.
+
+    Returns:
+        The :func:`shard_row` of the shard.
+    """
+    uris = list(row["uris"])
+    heights = np.asarray(row["heights"], np.int64)
+    decoded = np.nonzero(heights > 0)[0]
+    num_faces = np.zeros(len(uris), np.int32)
+    num_faces[decoded] = res.num_faces
+    identities = list(row["identities"])
+    images = records.images_table(
+        shard=row["shard"], uris=uris, identities=identities, fingerprints=list(row["fingerprints"]),
+        widths=np.asarray(row["widths"], np.int64), heights=heights, errors=list(row["errors"]),
+        details=list(row["details"]), num_faces=num_faces, settings=settings, run_id=run_id)
+    faces = records.faces_table(
+        shard=row["shard"], uris=uris, identities=identities, image_index=decoded[res.image_index],
+        boxes=res.boxes, scores=res.scores, landmarks=res.landmarks, crops=None, embeddings=res.embeddings,
+        embedder=spec.name, embedder_version=spec.version, run_id=run_id)
+    return shard_row(row["shard"], images, faces, res.crops)
 
 
 def _merge_results(parts, n_images, cls, dim, size):

@@ -29,7 +29,7 @@ from workers.decode import DecodeConfig
 from workers.faces.engine import EngineConfig
 from workers.graph import PoolSettings, Stage, check_cluster, plan_pool, run_shard_graph
 from workers.report import write_prepare_report
-from workers.runs import check_run_id, config_dict, new_run_id
+from workers.runs import check_run_id, new_run_id, write_run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +199,7 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
         version = dataset.table_version(dataset.records_uri(cfg.output), opts)
         summary = _summarise(cfg, run_id, rows, len(listed), len(listed) - len(todo), checked.skipped, t0)
         summary.update(settings=settings, table_version=version, nothing_to_do=not shards)
-        record = {**summary, "config": config_dict(cfg)}
-        storage.write_json(storage.join(cfg.output, storage.RUNS, f"{run_id}.json"), record, opts)
+        write_run_record(cfg.output, summary, cfg, opts)
         if shards:  # a run that did nothing leaves the last real run's summary and report in place
             storage.write_json(storage.join(cfg.output, "summary.json"), summary, opts)
             write_prepare_report(cfg.output, summary, rows, opts)  # never raises: a report is not worth a run

@@ -144,3 +144,53 @@ def plot_paired_gains(domains: Sequence[str], base: Sequence[float], tuned: Sequ
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return png_bytes(figure)
+
+
+def _report_axes():
+    fig = new_figure((4.6, 3.2))   # fixed margins: a layout engine would draw twice
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)
+    return fig, fig.add_subplot()
+
+
+def plot_throughput(edges: np.ndarray, rate: np.ndarray, overall: float | None) -> bytes:
+    """The report's throughput chart: images/s per bin (``report_data.throughput_series``) as PNG bytes.
+
+    Args:
+        edges: float64[K + 1] bin edges, seconds since the first commit.
+        rate: float64[K] images/s per bin.
+        overall: the whole run's images/s (a dashed line), or None.
+    """
+    fig, ax = _report_axes()
+    ax.stairs(rate, edges, color="#2b6cb0", linewidth=1.6, label="between commits")
+    ax.stairs(rate, edges, fill=True, color="#2b6cb0", alpha=0.15)
+    ax.set_xlim(edges[0], edges[-1])
+    if overall:
+        ax.axhline(float(overall), color="#c05621", linestyle="--", linewidth=1,
+                   label=f"whole run {float(overall):.1f}/s")
+    ax.set_xlabel("seconds since the first shard committed")
+    ax.set_ylabel("images / s")
+    ax.set_title("throughput")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return png_bytes(fig)
+
+
+def plot_face_histogram(values: np.ndarray, xlabel: str, title: str, log_y: bool = False,
+                        fmt: str = ".1f") -> bytes:
+    """The report's histogram of finite float[N] values (N >= 1) with its median, as PNG bytes."""
+    fig, ax = _report_axes()
+    lo, hi = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=40 if hi > lo else 1,
+                                 range=(lo, hi) if hi > lo else (lo - 0.5, hi + 0.5))
+    ax.stairs(counts, edges, fill=True, color="#2f855a", alpha=0.85)  # one artist, not 40 bars
+    if log_y:
+        ax.set_yscale("symlog", linthresh=1)
+    median = float(np.median(values))
+    ax.axvline(median, color="#1d2330", linestyle="--", linewidth=1, label=f"median {median:{fmt}}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("faces")
+    ax.set_title(f"{title} (n={values.size:,})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)

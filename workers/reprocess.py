@@ -28,7 +28,7 @@ import pyarrow as pa
 import schemas as S
 from workers import dataset, records, storage
 from workers.graph import PoolSettings, Stage, check_cluster, plan_pool, run_shard_graph
-from workers.runs import check_run_id, config_dict, new_run_id
+from workers.runs import check_run_id, new_run_id, write_run_record
 
 _META_COLUMNS = [S.IMAGE_ID, S.URI, S.IDENTITY, S.SHARD, S.FACE_INDEX]
 #: CPUs of a read_crops task (reading and decoding a shard's stored JPEG crops is light).
@@ -278,8 +278,7 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
         if todo:
             storage.write_json(storage.join(eroot, "summary.json"), summary, opts)
             dataset.vacuum(eroot, opts)
-        storage.write_json(storage.join(cfg.root, storage.RUNS, f"{run_id}.json"),
-                           {**summary, "config": config_dict(cfg)}, opts)
+        write_run_record(cfg.root, summary, cfg, opts)
     finally:
         if own:
             lease.release()

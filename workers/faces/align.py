@@ -146,3 +146,9 @@ def crop_landmarks(landmarks: np.ndarray, points: np.ndarray) -> tuple[np.ndarra
     m = umeyama(torch.from_numpy(lm), torch.from_numpy(pts)).numpy()
     mapped = lm @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]
     return mapped, m
+
+
+def landmark_fit_errors(mapped: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """float64[F, 5]: distance, in crop pixels, of each mapped landmark (``crop_landmarks``' float[F, 5, 2])
+    from its template point (float[5, 2])."""
+    return np.linalg.norm(np.asarray(mapped, np.float64) - np.asarray(points, np.float64)[None], axis=2)
