@@ -13,7 +13,7 @@ Per workload and repeat, on the same decoded images and the same batches (``prep
 
 * facemill face stage: ``FaceEngine.process`` (pad/upload, MTCNN, align, SFace embed, copy to host);
 * facemill breakdown: the same call with the engine's profiling hook (``workers.faces.profile``) timing its
-  stages (upload = padding, copy and crop canvas; P-Net pyramid, R-Net, O-Net, align, embed, to-host) and
+  stages (upload, P-Net pyramid, R-Net with the crop canvas, O-Net, align, embed, to-host) and
   the detector's parts (resize, net, crops, NMS), then write = the pipeline's own ``face_shard_row`` +
   ``write_shard`` (JPEG-encode crops, one Delta commit), synchronising CUDA around each;
 * anchor: facenet-pytorch 2.6.0 ``MTCNN.detect`` (detection only) with its own weights

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.faces import embedders
+from workers.faces import sface as sface_net
 from workers.faces.embedders import (
     Embedder, SFace, freeze_layers, load_embedder, save_embedder, sface_state_dict_from_onnx)
 from workers.faces.weights import EMBEDDERS, WeightsNotFound, resolve
@@ -118,7 +118,7 @@ def test_module_layers_match_onnx_graph(onnx_model):
 def test_dequantised_weights_equal_onnxruntime(onnx_model, onnx_path):
     """Every DequantizeLinear (+Reshape) output, fetched from onnxruntime, equals our state_dict entry."""
     state = sface_state_dict_from_onnx(onnx_path)
-    key_of = embedders._sface_key_map()
+    key_of = sface_net._sface_key_map()
     names = {}
     for node in onnx_model.graph.node:
         if node.op_type in ("DequantizeLinear", "Reshape"):
@@ -138,7 +138,7 @@ def test_blocked_dequantisation_reference():
     q = np.arange(-6, 6, dtype=np.int8).reshape(2, 6)
     scale = np.array([[1.0, 10.0], [100.0, 1000.0]], np.float32)
     zp = np.array([[0, 1], [-1, 2]], np.int8)
-    got = embedders._dequantize_blocked(q, scale, zp, axis=1, block_size=4)  # blocks [0:4], [4:6]
+    got = sface_net._dequantize_blocked(q, scale, zp, axis=1, block_size=4)  # blocks [0:4], [4:6]
     want = np.empty((2, 6), np.float32)
     for i in range(2):
         for j in range(6):
@@ -221,7 +221,7 @@ def test_embed_leaves_training_mode_alone(sface):
 
 def test_folded_batchnorm_gives_the_same_features(sface, lfw_crops):
     """The inference copy folds each conv -> BN pair; features stay equal to the module's own."""
-    from workers.faces.embedders import fold_batchnorm
+    from workers.faces.sface import fold_batchnorm
 
     folded = fold_batchnorm(sface.module)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.blocks.modules())

@@ -18,9 +18,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 import schemas as S
-from workers import inputs
+from workers import reading
 from workers.decode import DecodeConfig, _pil_decode, decode_image
-from workers.inputs import list_inputs, read_many
+from workers.inputs import list_inputs
+from workers.reading import read_many
 from workers.storage import StorageError
 
 SAMPLE = Path(__file__).parent / "data" / "sample"
@@ -198,7 +199,7 @@ def test_read_many_refuses_fifos_and_devices(tmp_path):
         raise out
     assert out[2] == FACE.read_bytes()
     for exc in out[:2]:
-        assert isinstance(exc, Exception) and inputs.error_reason(exc) == S.ERR_NOT_A_FILE, repr(exc)
+        assert isinstance(exc, Exception) and reading.error_reason(exc) == S.ERR_NOT_A_FILE, repr(exc)
     df, _ = list_inputs(str(tmp_path))   # a FIFO in a folder is an input row (recorded as not_a_file)
     assert str(fifo) in set(df[S.URI])
 
@@ -207,9 +208,9 @@ def test_read_many_byte_cap_and_error_reasons(tmp_path):
     small, big = _put(tmp_path / "small.jpg", bytes(1000)), _put(tmp_path / "big.jpg", bytes(1001))
     out = read_many([str(small), str(big), str(tmp_path / "gone.jpg"), str(tmp_path)], max_bytes=1000)
     assert out[0] == bytes(1000)
-    assert [inputs.error_reason(e) for e in out[1:]] == [S.ERR_TOO_LARGE, S.ERR_MISSING, S.ERR_NOT_A_FILE]
+    assert [reading.error_reason(e) for e in out[1:]] == [S.ERR_TOO_LARGE, S.ERR_MISSING, S.ERR_NOT_A_FILE]
     assert "1001" in str(out[1]) and "1000" in str(out[1])
-    assert inputs.error_reason(ConnectionError("reset")) == S.ERR_READ
+    assert reading.error_reason(ConnectionError("reset")) == S.ERR_READ
 
 
 class _OutOfMemoryFS(MemoryFileSystem):
@@ -329,4 +330,4 @@ def test_s3_read_many_caps_bytes_in_one_request(s3):
     uris = [f"s3://raw/read/{n}.jpg" for n in ("empty", "ok", "big", "gone")]
     out = read_many(uris, s3.options, retries=1, max_bytes=100)
     assert out[0] == b"" and out[1] == b"k" * 100
-    assert [inputs.error_reason(e) for e in out[2:]] == [S.ERR_TOO_LARGE, S.ERR_MISSING]
+    assert [reading.error_reason(e) for e in out[2:]] == [S.ERR_TOO_LARGE, S.ERR_MISSING]

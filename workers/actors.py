@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import schemas as S
-from workers import dataset, inputs, records
+from workers import dataset, reading, records
 from workers.decode import DecodeConfig, decode_image
 
 if TYPE_CHECKING:   # the engine imports torch; decode and write tasks must not pay for it
@@ -40,11 +40,11 @@ def decode_shard(row: dict, *, storage_options: dict | None, decode: DecodeConfi
         images concatenated in order (image i is heights[i] * widths[i] * 3 bytes; failed files add none).
     """
     uris = list(row["uris"])
-    blobs = inputs.read_many(uris, storage_options)
+    blobs = reading.read_many(uris, storage_options)
     heights, widths, errors, details, parts = [], [], [], [], []
     for blob in blobs:  # per file by nature: each is its own compressed stream
         if isinstance(blob, Exception):
-            res_img, err, detail = None, inputs.error_reason(blob), f"{type(blob).__name__}: {blob}"[:300]
+            res_img, err, detail = None, reading.error_reason(blob), f"{type(blob).__name__}: {blob}"[:300]
         else:
             res = decode_image(blob, decode)
             res_img, err, detail = res.image, res.error, res.detail

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from workers import storage
 
@@ -35,7 +35,7 @@ class PoolSettings:
     cpus_per_actor: float = 1.0
     torch_threads: int = 0
     shards_per_call: int = 2
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
     def __post_init__(self) -> None:
         check_pool_settings(self.actors, self.gpus_per_actor, self.cpus_per_actor, self.torch_threads,

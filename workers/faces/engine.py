@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 from workers.faces.align import AlignConfig, align_faces
-from workers.faces.embedders import check_precision, embed_crops, fold_batchnorm
+from workers.faces.embedders import check_precision, embed_crops
 from workers.faces.mtcnn import MTCNN, MTCNNConfig
 from workers.faces.profile import NO_TIMER, StageTimer
-from workers.faces.resample import pad_images, patch_canvas
+from workers.faces.resample import pad_images
+from workers.faces.sface import fold_batchnorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +104,14 @@ class FaceEngine:
 
         Args:
             images: B RGB images uint8[H_i, W_i, 3] of any sizes.
-            timer: profiling hook (:mod:`workers.faces.profile`): stages upload (padding, the copy to the
-                device and the crop canvas), pnet, rnet, onet, align.
+            timer: profiling hook (:mod:`workers.faces.profile`): stages upload (padding and the copy to the
+                device), pnet, rnet (with the crop canvas), onet, align.
         """
         with timer.stage("upload"):
             batch, sizes = pad_images(images, self.device)
             batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
-            canvas = patch_canvas(batch, sizes)  # one for the R-Net, O-Net and alignment patches
-        det = self.detector.detect([], batch=batch, sizes=sizes, canvas=canvas, timer=timer)
+        # One crop canvas for the R-Net, O-Net and alignment patches.
+        det, canvas = self.detector.cascade(batch, sizes, timer=timer)
         with timer.stage("align"):
             image_index, boxes, scores, landmarks = det.flat()
             crops, _ = align_faces(batch, sizes, image_index, landmarks, self.config.align, canvas)

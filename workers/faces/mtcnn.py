@@ -183,24 +183,38 @@ class MTCNN(nn.Module):
             batch: optional already padded uint8/float[B, 3, H_max, W_max] on the detector's device.
             sizes: int64[B, 2] (H, W) per image, with batch.
             canvas: ``patch_canvas(batch, sizes)`` when the caller built it (to cut more patches later).
-            timer: profiling hook (:mod:`workers.faces.profile`): stages pnet, rnet (with the crop canvas
-                when it is built here), onet (with the selection), and their parts.
+            timer: profiling hook (:mod:`workers.faces.profile`), see :meth:`cascade`.
 
         Returns:
             :class:`Detections` padded over the batch.
         """
         if batch is None:
             batch, sizes = pad_images(images, self.device)
-        batch = batch.float().contiguous()  # NCHW rows: the resize reads them as is
+        return self.cascade(batch.float().contiguous(), sizes, canvas, timer)[0]
+
+    def cascade(self, batch: torch.Tensor, sizes: torch.Tensor, canvas: torch.Tensor | None = None,
+                timer: StageTimer = NO_TIMER) -> tuple[Detections, torch.Tensor]:
+        """stage1 -> stage2 -> stage3 -> select on a padded float batch, timed as the stages pnet, rnet (with
+        the crop canvas when it is built here) and onet (with the selection).
+
+        Args:
+            batch: float[B, 3, H_max, W_max] contiguous NCHW on the detector's device.
+            sizes: int64[B, 2] (H, W) per image.
+            canvas: the crop canvas if the caller has one (None: built here, once for R-Net and O-Net).
+            timer: profiling hook.
+
+        Returns:
+            (:class:`Detections`, the crop canvas, for cutting more patches such as the aligned crops).
+        """
         n_img = batch.shape[0]
         with timer.stage("pnet"):
             cand = self.stage1(batch, sizes, timer)
         with timer.stage("rnet"):
-            canvas = patch_canvas(batch, sizes) if canvas is None else canvas   # one for R-Net and O-Net
+            canvas = patch_canvas(batch, sizes) if canvas is None else canvas
             cand = self.stage2(batch, sizes, *cand, canvas=canvas, timer=timer)
         with timer.stage("onet"):
             img, boxes, scores, marks = self.stage3(batch, sizes, *cand, canvas=canvas, timer=timer)
-            return self.select(img, boxes, scores, marks, sizes, n_img)
+            return self.select(img, boxes, scores, marks, sizes, n_img), canvas
 
     def stage1(self, batch, sizes, timer: StageTimer = NO_TIMER):
         """Stage 1 (``detect`` runs stage1 -> stage2 -> stage3 -> select): P-Net over the pyramid, in groups
