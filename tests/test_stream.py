@@ -11,6 +11,7 @@ import time
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import schemas as S
@@ -21,6 +22,7 @@ from workers.training.data import DataConfig, EncodedFaces, load_encoded_faces, 
 from workers.training.sampler import PKSampler, shard_identities, shard_seed, shard_steps
 from workers.training.stream import (
     decode_jpegs, make_batch, open_worker_shard, plan_shards, prefetch_batches, probe_batch, probe_identities)
+from tests.conftest import LFW_IMAGES, lfw_people
 
 DECODED_BYTES = 112 * 112 * 3
 #: Faces of the training identities of the tiny dataset (id13 has 1 face: held out, never trained).
@@ -36,7 +38,7 @@ def _jpeg(rng: np.random.Generator) -> bytes:
 
 
 def _shard_rows(uris: list[str], identities: list, faces: list[int], shard: str,
-                rng: np.random.Generator) -> pa.Table:
+                rng: np.random.Generator, crops: list[bytes] | None = None) -> pa.Table:
     n, f = len(uris), int(sum(faces))
     images = records.images_table(
         shard=shard, uris=uris, identities=identities, fingerprints=[f"fp-{u}" for u in uris],
@@ -46,7 +48,7 @@ def _shard_rows(uris: list[str], identities: list, faces: list[int], shard: str,
     face_rows = records.faces_table(
         shard=shard, uris=uris, identities=identities, image_index=np.repeat(np.arange(n), faces),
         boxes=rng.uniform(0, 100, (f, 4)), scores=np.full(f, 0.99), landmarks=rng.uniform(0, 100, (f, 5, 2)),
-        crops=[_jpeg(rng) for _ in range(f)], embeddings=emb / np.linalg.norm(emb, axis=1, keepdims=True),
+        crops=crops if crops is not None else [_jpeg(rng) for _ in range(f)], embeddings=emb / np.linalg.norm(emb, axis=1, keepdims=True),
         embedder="sface", embedder_version="1", run_id="r")
     return records.records_table(images, face_rows)
 
@@ -136,14 +138,16 @@ def test_a_worker_holds_its_share_as_jpeg_bytes_and_reads_only_its_rows(tiny, mo
     cfg, split = tiny
     stored = _stored(cfg)
     reads = []
-    real_read = data_module.dataset.read_table
+    real_scan = data_module._scan_faces
 
-    def spy(*args, **kwargs):
-        table = real_read(*args, **kwargs)
-        reads.append((kwargs.get("columns"), kwargs.get("filter"), table.num_rows))
-        return table
+    def spy(cfg_, names, columns, *args, **kwargs):
+        rows = 0
+        for batch in real_scan(cfg_, names, columns, *args, **kwargs):
+            rows += batch.num_rows
+            yield batch
+        reads.append((columns, sorted(names), rows))
 
-    monkeypatch.setattr(data_module.dataset, "read_table", spy)
+    monkeypatch.setattr(data_module, "_scan_faces", spy)
     owner, steps = plan_shards(split, workers, 2, cfg.seed)
     seen = []
     for rank in range(workers):
@@ -152,20 +156,19 @@ def test_a_worker_holds_its_share_as_jpeg_bytes_and_reads_only_its_rows(tiny, mo
         names = {split.train[i] for i in shard.identities}
         mine = stored[stored[S.IDENTITY].isin(names)].sort_values(S.IMAGE_ID)
         faces = shard.faces
-        # Only this worker's rows were read: 4 columns, a pushed-down filter, no row of another shard.
-        assert reads == [([S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP], reads[0][1], len(mine))]
-        assert reads[0][1] is not None
+        # Only this worker's rows were read: 4 columns, its identities pushed down, no row of another shard.
+        assert reads == [([S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP], sorted(names), len(mine))]
         # The bytes held are exactly the stored JPEG crops of its identities' faces ...
         assert len(faces) == len(mine) == sum(split.train_counts[i] for i in shard.identities)
         assert faces.crop_bytes == int(mine[S.CROP].map(len).sum())
-        assert list(faces.crops) == list(mine[S.CROP])                             # sorted by image_id
+        assert [faces.crop(i).tobytes() for i in range(len(faces))] == list(mine[S.CROP])  # sorted by image_id
         np.testing.assert_array_equal(np.asarray(split.train)[faces.labels], mine[S.IDENTITY].to_numpy())
         assert set(faces.labels.tolist()) == set(shard.identities.tolist())
-        # ... and nothing decoded: no image array, memory ~ the JPEG bytes.
-        arrays = [v for v in vars(faces).values() if isinstance(v, np.ndarray)]
-        assert all(a.dtype != np.uint8 and a.ndim == 1 for a in arrays)
-        assert all(isinstance(b, bytes) for b in faces.crops)
-        assert faces.nbytes <= faces.crop_bytes + 64 * len(faces)
+        # ... and nothing decoded: one byte buffer of exactly those bytes, 24 bytes per face besides.
+        arrays = {k: v for k, v in vars(faces).items() if isinstance(v, np.ndarray)}
+        assert sorted(arrays) == ["data", "labels", "spans"]
+        assert faces.data.shape == (faces.crop_bytes,) and faces.labels.shape == (len(faces),)
+        assert faces.nbytes == faces.crop_bytes + 24 * len(faces)
         assert faces.nbytes < 0.5 * DECODED_BYTES * len(faces)
         assert shard.steps_per_epoch == steps and shard.sampler.seed == shard_seed(cfg.seed, rank)
         seen.append(set(names))
@@ -178,13 +181,84 @@ def test_encoded_faces_decode_to_load_faces(tiny):
         c = DataConfig(faces=cfg.faces, heldout_fraction=0.0, seed=cfg.seed, all_faces=all_faces)
         encoded, decoded = load_encoded_faces(c, split.train), load_faces(c, split.train)
         np.testing.assert_array_equal(encoded.labels, decoded.labels)
-        np.testing.assert_array_equal(decode_jpegs(encoded.crops), decoded.crops)
+        np.testing.assert_array_equal(decode_jpegs(encoded.take(np.arange(len(encoded)))), decoded.crops)
         assert len(encoded) == split.num_faces_train + (3 if all_faces else 0)
     some = load_encoded_faces(cfg, split.train, [4, 1])
     assert set(some.labels.tolist()) == {1, 4} and len(some) == split.train_counts[1] + split.train_counts[4]
     assert len(load_encoded_faces(cfg, split.train, [])) == 0
     with pytest.raises(ValueError, match=r"labels must be in \[0, 13\)"):
         load_encoded_faces(cfg, split.train, [13])
+
+
+def _lfw_crop(path) -> bytes:
+    """A 112 x 112 JPEG (quality 95, as prepare stores crops) of the centre of a real LFW image."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)[69:181, 69:181]
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def _unpacked_reference(cfg: DataConfig, identities: tuple[str, ...], labels) -> tuple[list[bytes], np.ndarray]:
+    """The representation before the packed buffer: the whole filtered table, one Python bytes per face,
+    sorted by image_id then face_index (what load_encoded_faces returned until it packed the crops)."""
+    names = [identities[i] for i in labels]
+    where = pc.field(S.IDENTITY).isin(names)
+    if not cfg.all_faces:
+        where = where & (pc.field(S.FACE_INDEX) == 0)
+    table = dataset.read_table(cfg.faces, S.FACES, columns=[S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP],
+                               filter=where)
+    table = table.take(pc.sort_indices(table, sort_keys=[(S.IMAGE_ID, "ascending"), (S.FACE_INDEX, "ascending")]))
+    label_of = {name: i for i, name in enumerate(identities)}
+    return table.column(S.CROP).to_pylist(), np.array([label_of[n] for n in table.column(S.IDENTITY).to_pylist()])
+
+
+def test_packed_crops_are_the_crops_of_the_unpacked_reader_on_real_lfw_faces(lfw_dir, tmp_path):
+    """Real LFW crops in 3 commits (rows shuffled, second faces): the packed buffer + spans give, face for face,
+    the bytes, labels and order of the old one-bytes-object-per-face reader, and the same decoded batches."""
+    rng = np.random.default_rng(3)
+    people = lfw_people(4, 8, seed=3)
+    paths = [p for name in people for p in sorted((LFW_IMAGES / name).glob("*.jpg"))[:5]]
+    uris = [str(p) for p in paths]
+    identities = [p.parent.name for p in paths]
+    faces = [2 if j % 7 == 0 else 1 for j in range(len(paths))]        # some images with a second face
+    crops = [_lfw_crop(p) for p in paths]
+    root = str(tmp_path / "ds")
+    dataset.create_dataset(root, S.EMBEDDING_DIM)
+    for shard, part in enumerate(np.array_split(rng.permutation(len(paths)), 3)):
+        part_crops = [c for i in part for c in [crops[i]] + [crops[(i + 1) % len(crops)]] * (faces[i] - 1)]
+        dataset.commit_records(root, _shard_rows([uris[i] for i in part], [identities[i] for i in part],
+                                                 [faces[i] for i in part], f"s{shard}", rng, part_crops))
+    for all_faces in (False, True):
+        cfg = DataConfig(faces=root, heldout_fraction=0.0, seed=1, all_faces=all_faces)
+        split = plan_split(cfg)
+        for labels in (np.arange(len(split.train)), np.array([5, 0, 3])):
+            packed = load_encoded_faces(cfg, split.train, labels)
+            want, want_labels = _unpacked_reference(cfg, split.train, labels)
+            assert len(packed) == len(want) > 0
+            assert [packed.crop(i).tobytes() for i in range(len(packed))] == want
+            np.testing.assert_array_equal(packed.labels, want_labels)
+            assert packed.data.nbytes == packed.crop_bytes == sum(map(len, want))
+            index = rng.permutation(len(packed))[:9]
+            np.testing.assert_array_equal(decode_jpegs(packed.take(index)), decode_jpegs([want[i] for i in index]))
+    # The same batches as from the unpacked bytes, step by step.
+    cfg = DataConfig(faces=root, heldout_fraction=0.0, seed=1)
+    split = plan_split(cfg)
+    shard = open_worker_shard(cfg, split, 2, 1, 2, 2)
+    want, _ = _unpacked_reference(cfg, split.train, shard.identities)
+    unpacked = EncodedFaces.from_crops(want, shard.faces.labels, split.train)
+    for step in range(shard.steps_per_epoch):
+        a, b = make_batch(shard.faces, shard.sampler, 1, step), make_batch(unpacked, shard.sampler, 1, step)
+        np.testing.assert_array_equal(a.crops, b.crops)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_encoded_faces_from_crops_and_checks():
+    faces = EncodedFaces.from_crops([b"ab", b"", b"cde"], [1, 0, 1], ("x", "y"))
+    assert [faces.crop(i).tobytes() for i in range(3)] == [b"ab", b"", b"cde"]
+    assert [v.tobytes() for v in faces.take([2, 0])] == [b"cde", b"ab"]
+    assert faces.crop_bytes == 5 and faces.nbytes == 5 + 24 * 3 and len(EncodedFaces.from_crops([], [], ())) == 0
+    with pytest.raises(ValueError, match=r"spans must be int64\[3, 2\]"):
+        EncodedFaces(data=faces.data, spans=faces.spans[:2], labels=faces.labels, identities=faces.identities)
+    with pytest.raises(ValueError, match=r"spans must lie in \[0, 5\]"):
+        EncodedFaces(data=faces.data, spans=faces.spans + 1, labels=faces.labels, identities=faces.identities)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,7 +283,7 @@ def test_prefetcher_yields_the_sampler_batches_in_order_decoded(tiny, threads, d
             for step, batch in enumerate(got):
                 index = sampler.indices_for_step(epoch, step)
                 np.testing.assert_array_equal(batch.index, index)
-                want = records.decode_crops(pa.array(list(faces.crops[index]), pa.binary()))
+                want = records.decode_crops(pa.array([faces.crop(i).tobytes() for i in index], pa.binary()))
                 if fn is not None:
                     want = augment_batch(want, augment, cfg.seed, epoch, step, 1)
                 assert batch.crops.dtype == np.uint8 and batch.crops.shape == (6, 112, 112, 3)
@@ -241,8 +315,7 @@ def test_prefetcher_runs_at_most_depth_batches_ahead_and_stops_when_closed(tiny)
 
 
 def test_a_corrupt_crop_is_named():
-    faces = EncodedFaces(crops=np.array([_jpeg(np.random.default_rng(1)), b"not a jpeg"] * 2, dtype=object),
-                         labels=np.array([0, 0, 1, 1]), identities=("a", "b"))
+    faces = EncodedFaces.from_crops([_jpeg(np.random.default_rng(1)), b"not a jpeg"] * 2, [0, 0, 1, 1], ("a", "b"))
     sampler = PKSampler(faces.labels, 2, 2)
     with pytest.raises(ValueError, match=r"crop \d of the batch \(10 bytes\) is not a decodable image"):
         list(prefetch_batches(faces, sampler, 0, 1))

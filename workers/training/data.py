@@ -5,7 +5,8 @@ identity filter (and ``face_index == 0``) down to the Delta scan and projects th
 a reader of a few identities reads only their rows.
 
 * :func:`load_encoded_faces` keeps the stored JPEG crops as bytes (about 5 kB per 112 x 112 face at
-  quality 95): what a training worker holds of its identity shard (see :mod:`workers.training.stream`).
+  quality 95), packed into one buffer read batch by batch: what a training worker holds of its identity
+  shard (see :mod:`workers.training.stream`), about 1x those bytes at its peak.
 * :func:`load_faces` decodes, ``uint8[N, 112, 112, 3]``, 37.6 kB per face: for small sets only (the
   held-out verification faces, the probe batch, tests).
 
@@ -22,8 +23,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,9 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas as S
-from workers import dataset
+from workers import dataset, delta
 from workers.evaluation.verification import pair_identities, read_pairs, split_identities
 from workers.records import decode_crops
+
+#: Rows per record batch of the shard scan (about 20 MB of crops before the identity filter).
+SCAN_BATCH_ROWS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,32 +98,64 @@ class IdentitySplit:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedFaces:
-    """Stored crops of a set of faces, not decoded.
+    """Stored crops of a set of faces, not decoded, packed into one byte buffer.
+
+    No Python object per face: the crops of N faces cost their bytes plus 24 bytes each (spans, label).
 
     Attributes:
-        crops: object[N], the stored (JPEG) bytes of each face's aligned RGB crop.
+        data: uint8[T], the stored (JPEG) bytes of every crop, back to back (in the order they were read).
+        spans: int64[N, 2], face ``i``'s crop is ``data[spans[i, 0]:spans[i, 1]]``.
         labels: int64[N], index into ``identities``.
         identities: names; ``identities[labels[i]]`` is face ``i``'s identity.
     """
 
-    crops: np.ndarray
+    data: np.ndarray
+    spans: np.ndarray
     labels: np.ndarray
     identities: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        if self.data.dtype != np.uint8 or self.data.ndim != 1:
+            raise ValueError(f"data must be uint8[T], got {self.data.dtype}{list(self.data.shape)}")
+        if self.spans.dtype != np.int64 or self.spans.shape != (n, 2):
+            raise ValueError(f"spans must be int64[{n}, 2], got {self.spans.dtype}{list(self.spans.shape)}")
+        if n and (self.spans.min() < 0 or self.spans.max() > self.data.size
+                  or (self.spans[:, 1] < self.spans[:, 0]).any()):
+            raise ValueError(f"spans must lie in [0, {self.data.size}] with start <= stop")
+
+    @classmethod
+    def from_crops(cls, crops: Sequence[bytes], labels: Sequence[int] | np.ndarray,
+                   identities: Sequence[str]) -> EncodedFaces:
+        """Pack N byte strings (e.g. a few test crops) with their int labels into ``identities``."""
+        lengths = np.fromiter(map(len, crops), np.int64, len(crops))
+        stops = np.cumsum(lengths)
+        data = np.frombuffer(b"".join(crops), np.uint8) if len(crops) else np.zeros(0, np.uint8)
+        return cls(data=data, spans=np.stack([stops - lengths, stops], axis=1).reshape(-1, 2),
+                   labels=np.asarray(labels, dtype=np.int64), identities=tuple(identities))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def crop(self, i: int) -> np.ndarray:
+        """uint8[n] view of face ``i``'s stored bytes (no copy)."""
+        start, stop = self.spans[i]
+        return self.data[start:stop]
+
+    def take(self, index: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """Views of the stored bytes of the faces at ``index`` (e.g. a batch, for decoding)."""
+        return [self.data[start:stop] for start, stop in self.spans[np.asarray(index, dtype=np.int64)].tolist()]
+
     @property
     def crop_bytes(self) -> int:
         """Sum of the stored crops' lengths."""
-        return int(sum(map(len, self.crops)))
+        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
 
     @property
     def nbytes(self) -> int:
-        """Memory held for the faces: crop payloads, their Python ``bytes`` headers, the pointer and label
-        arrays (the ``identities`` names are shared with the split)."""
-        header = sys.getsizeof(b"")
-        return self.crop_bytes + header * len(self) + self.crops.nbytes + self.labels.nbytes
+        """Memory held for the faces: the byte buffer, the spans and the labels (the ``identities`` names are
+        shared with the split)."""
+        return int(self.data.nbytes + self.spans.nbytes + self.labels.nbytes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -238,12 +273,45 @@ def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray
     return order, labels
 
 
+def _scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
+                batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The face rows of ``names`` (row rules of :func:`_read_faces`), one record batch at a time.
+
+    The identity and face_index filters (``face_index >= 0``: the faces view) and the column projection are
+    pushed down to the scan of the records table, as :func:`workers.dataset.read_table` does; unlike it, no
+    table of all the rows is built: a batch is dropped once the caller has taken what it needs, so at most a
+    few batches are in memory. A dataset without a records table yields nothing.
+    """
+    table = delta.open_table(delta.records_uri(cfg.faces), dict(cfg.storage_options))
+    if table is None:
+        return
+    where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string())) & (pc.field(S.FACE_INDEX) >= 0)
+    if not cfg.all_faces:
+        where = where & (pc.field(S.FACE_INDEX) == 0)
+    scanner = table.to_pyarrow_dataset().scanner(
+        columns=columns, filter=where, batch_size=batch_rows, batch_readahead=2, fragment_readahead=2)
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            yield batch
+
+
+def _binary_parts(column: pa.Array) -> tuple[memoryview, np.ndarray]:
+    """(the bytes of every value of a binary array, back to back; int64[n] value lengths); null: 0 bytes."""
+    column = column.cast(pa.large_binary()) if not pa.types.is_large_binary(column.type) else column
+    _, offsets, values = column.buffers()
+    bounds = np.frombuffer(offsets, np.int64)[column.offset:column.offset + len(column) + 1]
+    view = memoryview(values)[int(bounds[0]):int(bounds[-1])] if values is not None else memoryview(b"")
+    return view, np.diff(bounds)
+
+
 def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
                        labels: Sequence[int] | np.ndarray | None = None) -> EncodedFaces:
-    """Read the stored crops of some identities' faces, without decoding them.
+    """Read the stored crops of some identities' faces, without decoding them, into one byte buffer.
 
     Only the rows of the identities asked for are read (columns image_id, identity, face_index, crop;
-    identity and face_index filters pushed down to the scan); the crops stay the stored bytes.
+    identity and face_index filters pushed down to the scan), batch by batch: each batch's crop bytes are
+    appended to one growing buffer (grown in place, so the buffer never exists twice) and the batch is
+    dropped, so reading N faces costs about their bytes, not an Arrow table plus a Python object per face.
 
     Args:
         cfg: where the faces are.
@@ -258,17 +326,29 @@ def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
     if wanted.size and not 0 <= wanted.min() <= wanted.max() < len(identities):
         raise ValueError(f"labels must be in [0, {len(identities)}), got {wanted.min()}..{wanted.max()}")
     names = [identities[i] for i in wanted.tolist()]
-    table = _read_faces(cfg, names, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP])
-    order, face_labels = _sorted_rows(table, identities)
-    chunks = list(table.column(S.CROP).chunks)
-    del table
-    crops = np.empty(sum(len(c) for c in chunks), dtype=object)
-    start = 0
-    while chunks:   # one chunk at a time, so that each Arrow chunk is freed once copied
-        values = chunks.pop(0).to_pylist()
-        crops[start:start + len(values)] = values
-        start += len(values)
-    return EncodedFaces(crops=crops[order], labels=face_labels, identities=tuple(identities))
+    buffer = bytearray()
+    lengths, keys = [], {S.IMAGE_ID: [], S.FACE_INDEX: [], S.IDENTITY: []}
+    for batch in _scan_faces(cfg, names, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]):
+        view, sizes = _binary_parts(batch.column(S.CROP))
+        buffer += view
+        lengths.append(sizes)
+        for name, column in keys.items():
+            column.append(batch.column(name))
+        del batch, view
+    pa.default_memory_pool().release_unused()   # the scan's batches, back to the OS
+    rows = pa.table({name: pa.chunked_array(column) if column else pa.chunked_array([], S.FACES_SCHEMA.field(name).type)
+                     for name, column in keys.items()})
+    order = pc.sort_indices(rows, sort_keys=[(S.IMAGE_ID, "ascending"), (S.FACE_INDEX, "ascending")]).to_numpy()
+    position = pc.index_in(rows.column(S.IDENTITY), value_set=pa.array(names, pa.string()))
+    if position.null_count:   # the scan filter keeps only these identities
+        raise ValueError(f"read {position.null_count} faces of identities not among the {len(names)} asked for")
+    position = position.to_numpy().astype(np.int64)
+    sizes = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    stops = np.cumsum(sizes)
+    spans = np.stack([stops - sizes, stops], axis=1)[order]
+    data = np.frombuffer(buffer, np.uint8) if buffer else np.zeros(0, np.uint8)
+    return EncodedFaces(data=data, spans=np.ascontiguousarray(spans, dtype=np.int64),
+                        labels=wanted[position][order], identities=tuple(identities))
 
 
 def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> FaceSet:

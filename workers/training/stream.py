@@ -2,7 +2,8 @@
 
 Every Ray Train worker computes the same identity shards from the split (``split.train_counts``, the face
 count of each training identity), reads only its own identities' rows (a pushed-down identity filter, 4
-columns) and keeps their crops as the stored JPEG bytes, about 5 kB per face instead of 37.6 kB decoded.
+columns) and keeps their crops as the stored JPEG bytes, packed into one buffer, about 5 kB per face
+instead of 37.6 kB decoded.
 Each step's P x K batch comes from the worker's own identities, so the identities of one step are disjoint
 across workers by construction; labels stay indices into ``split.train`` (the classifier head is over all
 training identities). :func:`prefetch_batches` decodes (``cv2.imdecode`` releases the GIL) and transforms
@@ -146,11 +147,12 @@ def open_worker_shard(data: DataConfig, split: IdentitySplit, num_workers: int, 
                        steps_per_epoch=steps)
 
 
-def decode_jpegs(encoded: Sequence[bytes] | np.ndarray) -> np.ndarray:
+def decode_jpegs(encoded: Sequence[bytes | np.ndarray] | np.ndarray) -> np.ndarray:
     """Decode stored crops (JPEG / PNG bytes) into one array, as :func:`workers.records.decode_crops` does.
 
     Args:
-        encoded: B byte strings of images of one size.
+        encoded: B images of one size, each stored bytes or a uint8[n] view of them
+            (:meth:`EncodedFaces.take`).
 
     Returns:
         uint8[B, H, W, 3] RGB (``uint8[0, 112, 112, 3]`` for B = 0).
@@ -176,7 +178,7 @@ def make_batch(faces: EncodedFaces, sampler: PKSampler, epoch: int, step: int,
     """The batch of ``(epoch, step)``: the sampler's faces, decoded, then ``transform(crops, epoch, step)``
     (``keep_clean``: the decoded crops are kept beside the transformed ones, e.g. for distillation)."""
     index = sampler.indices_for_step(epoch, step)
-    clean = crops = decode_jpegs(faces.crops[index])
+    clean = crops = decode_jpegs(faces.take(index))
     if transform is not None:
         crops = transform(crops.copy() if keep_clean else crops, epoch, step)
     return Batch(step=step, index=index, crops=crops, labels=faces.labels[index],
