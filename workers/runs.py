@@ -1,4 +1,5 @@
-"""Run identity shared by every job: run ids (they name ``<root>/_runs/<run_id>.json``) and the config record."""
+"""Run identity shared by every job: run ids (they name ``<root>/_runs/<run_id>.json``) and run records, written
+and read back typed (:class:`PrepareSummary`, :class:`PrepareRecord`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,10 @@ import time
 import typing
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # pipeline imports this module
+    from workers.pipeline import PrepareConfig
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 
@@ -136,7 +140,7 @@ class PrepareRecord:
     """A prepare run's record (``<root>/_runs/<run_id>.json``), parsed once: its summary and its config."""
 
     summary: PrepareSummary
-    config: Any   # workers.pipeline.PrepareConfig
+    config: PrepareConfig
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "run record") -> "PrepareRecord":
