@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--faces", required=True, help="dataset root written by prepare (local or s3://)")
     p.add_argument("--output", required=True, help="run folder (local or s3://); the same folder resumes")
     p.add_argument("--exclude-pairs", default=None, help="pairs file whose identities are never trained on")
+    p.add_argument("--exclude-audit", default=None, help="audit folder (jobs.audit): leave out the faces it flagged")
     p.add_argument("--init", default=t.init, help="registry name or exported embedder directory to start from")
     p.add_argument("--workers", type=int, default=t.workers)
     p.add_argument("--epochs", type=int, default=t.epochs)
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     opts = storage_options(args.s3_endpoint_url)
     try:
         cfg = TrainConfig(
-            data=DataConfig(faces=args.faces, exclude_pairs=args.exclude_pairs,
+            data=DataConfig(faces=args.faces, exclude_pairs=args.exclude_pairs, exclude_audit=args.exclude_audit,
                             heldout_fraction=args.heldout_fraction, seed=args.seed, all_faces=args.all_faces,
                             storage_options=opts),
             output=args.output,
@@ -105,6 +106,13 @@ def main(argv=None) -> dict:
     from workers.training.run import run_training
 
     cfg, args = parse_args(argv)
+    if cfg.data.exclude_audit:
+        from workers.audit.store import read_summary
+
+        try:   # one line before Ray starts: the folder must hold a complete audit
+            read_summary(cfg.data.exclude_audit, dict(cfg.data.storage_options))
+        except StorageError as exc:
+            fail(str(exc))
     connect_ray(args.local_cpus)
     try:
         summary = run_training(cfg)

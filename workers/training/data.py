@@ -46,6 +46,8 @@ class DataConfig:
     Attributes:
         faces: dataset root written by ``prepare`` (local or ``s3://``), holding a ``faces`` table.
         exclude_pairs: an LFW-style pairs file whose identities must never be trained on (or None).
+        exclude_audit: an audit folder (``jobs.audit``) whose flagged faces are left out (or None; see
+            :func:`workers.audit.exclude.excluded_faces`).
         heldout_fraction: share of the trainable identities held out for verification, in [0, 1).
         seed: seed of the held-out split.
         min_faces: identities need at least this many faces to train (>= 2).
@@ -55,6 +57,7 @@ class DataConfig:
 
     faces: str
     exclude_pairs: str | None = None
+    exclude_audit: str | None = None
     heldout_fraction: float = 0.2
     seed: int = 0
     min_faces: int = 2
@@ -204,6 +207,7 @@ def read_face_index(cfg: DataConfig, identities: Sequence[str] | None = None) ->
     where = None if identities is None else pc.field(S.IDENTITY).isin(pa.array(list(identities), pa.string()))
     if where is not None and not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
+    where = _and(where, _audit_filter(cfg))
     table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
     frame = _keep_rows(table.to_pandas())
     if frame.empty and identities is None:
@@ -211,6 +215,16 @@ def read_face_index(cfg: DataConfig, identities: Sequence[str] | None = None) ->
                          f"({table.num_rows} face rows in all); prepare it from an <identity>/<image> "
                          f"tree or a manifest with an {S.IDENTITY!r} column")
     return frame if cfg.all_faces else frame[frame[S.FACE_INDEX] == 0].reset_index(drop=True)
+
+
+def _audit_filter(cfg: DataConfig):
+    from workers.audit.exclude import exclusion_filter
+
+    return exclusion_filter(cfg.exclude_audit, cfg.storage_options)
+
+
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
 
 
 def _keep_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -259,6 +273,7 @@ def _read_faces(cfg: DataConfig, names: Sequence[str], columns: list[str]) -> pa
     where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string()))
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
+    where = _and(where, _audit_filter(cfg))
     return dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
 
 
@@ -288,6 +303,7 @@ def _scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string())) & (pc.field(S.FACE_INDEX) >= 0)
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
+    where = _and(where, _audit_filter(cfg))
     scanner = table.to_pyarrow_dataset().scanner(
         columns=columns, filter=where, batch_size=batch_rows, batch_readahead=2, fragment_readahead=2)
     for batch in scanner.to_batches():
@@ -296,10 +312,21 @@ def _scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
 
 
 def _binary_parts(column: pa.Array) -> tuple[memoryview, np.ndarray]:
-    """(the bytes of every value of a binary array, back to back; int64[n] value lengths); null: 0 bytes."""
-    column = column.cast(pa.large_binary()) if not pa.types.is_large_binary(column.type) else column
+    """(the bytes of every value of a binary array, back to back, not copied; int64[n] value lengths).
+
+    A null value has 0 bytes (it fails to decode later, named by its batch position).
+
+    Raises:
+        ValueError: the column is not binary.
+    """
+    if pa.types.is_large_binary(column.type):
+        width = np.int64
+    elif pa.types.is_binary(column.type):
+        width = np.int32
+    else:
+        raise ValueError(f"crop column must be binary, got {column.type}")
     _, offsets, values = column.buffers()
-    bounds = np.frombuffer(offsets, np.int64)[column.offset:column.offset + len(column) + 1]
+    bounds = np.frombuffer(offsets, width)[column.offset:column.offset + len(column) + 1].astype(np.int64)
     view = memoryview(values)[int(bounds[0]):int(bounds[-1])] if values is not None else memoryview(b"")
     return view, np.diff(bounds)
 
