@@ -18,11 +18,13 @@ eval mode) and ``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -42,6 +44,26 @@ DECODE_THREADS = (2, 4)
 PREFETCH_BATCHES = 3
 #: Segments of the trained blocks with --checkpoint-activations (activations kept at their boundaries).
 ACTIVATION_SEGMENTS = 4
+
+
+def release_freed_memory() -> None:
+    """Hand memory already freed back to the OS: Arrow's pool (the scans' batches) and glibc's heap (``malloc_trim``:
+    an evaluation's activations). Called after the set-up reads and after the chief's evaluations, so that memory
+    freed there does not stay resident, as holes the training step's allocations need not fit in, for the run."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
+def _limit_malloc_arenas(arenas: int = 1) -> None:
+    """glibc: the decoding threads allocate from the main malloc arena instead of one heap each (``M_ARENA_MAX``)."""
+    M_ARENA_MAX = -8
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
 
 
 class ChiefEvaluator:
@@ -136,6 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        _limit_malloc_arenas()
     else:
         torch.backends.cudnn.benchmark = True
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
@@ -145,6 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = open_worker_shard(cfg.data, split, world, rank, cfg.people_per_batch, cfg.images_per_person,
                               cfg.steps_per_epoch)
     steps = shard.steps_per_epoch
+    release_freed_memory()
     threads = min(max(int(cfg.cpus_per_worker), DECODE_THREADS[0]), DECODE_THREADS[1])
 
     def augment(crops: np.ndarray, epoch: int, step: int) -> np.ndarray:   # runs in the decoding threads
@@ -185,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
                  "images_per_person": cfg.images_per_person}
 
     evaluator = ChiefEvaluator(cfg, split, probe, init.spec, device) if is_chief else None
+    release_freed_memory()
     history = read_history(cfg, start_epoch) if is_chief else []
     if is_chief and checkpoint is None:
         probe_before = evaluator.probe(net)
@@ -193,6 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
         history = [row]
         write_history(cfg, history)
         print(json.dumps(row), flush=True)
+    release_freed_memory()
 
     batch = cfg.people_per_batch * cfg.images_per_person
     for epoch in range(start_epoch, cfg.epochs):
@@ -218,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
         report_checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if is_chief:
+                release_freed_memory()   # the steps' freed activations: the evaluation's need not come on top
                 row.update(_prefixed("probe_", evaluator.probe(net)))
                 heldout_last = evaluator.heldout(net)
                 row.update(H.flatten(heldout_last))
@@ -235,4 +262,5 @@ def train_loop_per_worker(config: dict) -> None:
                     "heldout_before": heldout_before, "heldout_last": heldout_last,
                     "probe_before": probe_before}, tmp)
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                release_freed_memory()
             ray.train.report(row, checkpoint=report_checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
