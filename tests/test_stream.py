@@ -48,7 +48,8 @@ def _shard_rows(uris: list[str], identities: list, faces: list[int], shard: str,
     face_rows = records.faces_table(
         shard=shard, uris=uris, identities=identities, image_index=np.repeat(np.arange(n), faces),
         boxes=rng.uniform(0, 100, (f, 4)), scores=np.full(f, 0.99), landmarks=rng.uniform(0, 100, (f, 5, 2)),
-        crops=crops if crops is not None else [_jpeg(rng) for _ in range(f)], embeddings=emb / np.linalg.norm(emb, axis=1, keepdims=True),
+        crops=crops if crops is not None else [_jpeg(rng) for _ in range(f)],
+        embeddings=emb / np.linalg.norm(emb, axis=1, keepdims=True),
         embedder="sface", embedder_version="1", run_id="r")
     return records.records_table(images, face_rows)
 

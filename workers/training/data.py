@@ -363,7 +363,7 @@ def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
             column.append(batch.column(name))
         del batch, view
     pa.default_memory_pool().release_unused()   # the scan's batches, back to the OS
-    rows = pa.table({name: pa.chunked_array(column) if column else pa.chunked_array([], S.FACES_SCHEMA.field(name).type)
+    rows = pa.table({name: pa.chunked_array(column, None if column else S.FACES_SCHEMA.field(name).type)
                      for name, column in keys.items()})
     order = pc.sort_indices(rows, sort_keys=[(S.IMAGE_ID, "ascending"), (S.FACE_INDEX, "ascending")]).to_numpy()
     position = pc.index_in(rows.column(S.IDENTITY), value_set=pa.array(names, pa.string()))
