@@ -42,7 +42,8 @@ class PrepareConfig:
         embedder: registry name (``sface``) or an exported embedder directory.
         engine: detection / alignment settings.
         decode: decode limits.
-        shard_size: images per output shard (and per decode task).
+        shard_size: images per output shard (and per decode task); a run's first shards are smaller
+            (:func:`shard_sizes`).
         pool: the face actors' pool (actors, GPU / CPU shares, torch threads, shards per call, device).
         crop_quality: JPEG quality of stored crops.
         storage_options: fsspec options for input and output (e.g. endpoint_url).
@@ -87,13 +88,35 @@ def settings_digest(cfg: "PrepareConfig", embedder_name: str, embedder_version: 
     return hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_shards(todo: pd.DataFrame, shard_size: int, salt: str = "") -> list[dict]:
-    """Cut the sorted files to do into shard rows, keyed by a digest of their uris, fingerprints and
-    ``salt`` (the run id and settings: a shard key is never reused by another run)."""
+#: The first shards of a run hold this many images (or ``shard_size`` if smaller), and the size doubles
+#: every ``shards_per_call`` shards up to ``shard_size``: the first commit waits for one small actor call,
+#: not for ``shards_per_call x shard_size`` images (512 by default, ~15 s on 2 CPUs; docs/performance.md).
+FIRST_SHARD_SIZE = 16
+
+
+def shard_sizes(n: int, shard_size: int, shards_per_call: int = 1, first: int = FIRST_SHARD_SIZE) -> list[int]:
+    """Images per shard for ``n`` files: ``shards_per_call`` shards of ``min(first, shard_size)`` images,
+    as many of twice that, and so on up to ``shard_size``; the last shard takes the rest."""
+    sizes, size = [], max(1, min(first, shard_size))
+    while n > 0:
+        for _ in range(shards_per_call):
+            if n <= 0:
+                break
+            sizes.append(min(size, n))
+            n -= sizes[-1]
+        size = min(2 * size, shard_size)
+    return sizes
+
+
+def plan_shards(todo: pd.DataFrame, shard_size: int, salt: str = "", shards_per_call: int = 1) -> list[dict]:
+    """Cut the sorted files to do into shard rows (:func:`shard_sizes`: small first shards, growing to
+    ``shard_size``), keyed by a digest of their uris, fingerprints and ``salt`` (the run id and settings:
+    a shard key is never reused by another run)."""
     todo = todo.sort_values(S.URI, ignore_index=True)
-    shards = []
-    for start in range(0, len(todo), shard_size):
-        part = todo.iloc[start:start + shard_size]
+    shards, start = [], 0
+    for size in shard_sizes(len(todo), shard_size, shards_per_call):
+        part = todo.iloc[start:start + size]
+        start += size
         members = [salt] + [f"{u}|{'' if pd.isna(f) else f}" for u, f in zip(part[S.URI], part[S.FINGERPRINT])]
         key = hashlib.sha1("\n".join(members).encode()).hexdigest()[:20]
         shards.append({
@@ -191,7 +214,8 @@ def run_prepare(cfg: PrepareConfig, log=print, checked: Checked | None = None, l
                                   columns=[S.URI, S.FINGERPRINT, S.SETTINGS, S.STATUS, S.ERROR])
         listed = checked.inputs
         todo = files_to_do(listed, done.to_pandas(), settings, cfg.retry_errors)
-        shards = plan_shards(todo, cfg.shard_size, salt=f"{run_id}|{settings}")
+        shards = plan_shards(todo, cfg.shard_size, salt=f"{run_id}|{settings}",
+                             shards_per_call=cfg.pool.shards_per_call)
         log(f"facemill prepare {run_id}: {len(listed)} images listed, {len(listed) - len(todo)} already done, "
             f"{len(todo)} to do in {len(shards)} shards")
         rows = _run_graph(cfg, shards, settings, opts, log, lease) if shards else []
