@@ -43,6 +43,27 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def add_endpoint_option(p) -> None:
+    """``--s3-endpoint-url`` (every job that reads or writes storage)."""
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+
+
+def add_ray_options(p) -> None:
+    """``--s3-endpoint-url`` and ``--local-cpus`` (every job that runs on Ray)."""
+    add_endpoint_option(p)
+    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+
+
+def or_fail(run, errors: tuple = ()):
+    """``run()``, or one line and exit 2 on a user-facing error (bad input, storage, a missing file)."""
+    from workers.storage import StorageError
+
+    try:
+        return run()
+    except (FileNotFoundError, ValueError, StorageError, *errors) as exc:
+        fail(str(exc))
+
+
 def storage_options(endpoint_url: str | None) -> tuple[tuple[str, str], ...]:
     url = endpoint_url or os.environ.get("FACEMILL_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     return (("endpoint_url", url),) if url else ()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs._common import connect_ray, fail, storage_options
+from jobs._common import add_ray_options, connect_ray, fail, or_fail, storage_options
 
 
 def parse_args(argv=None):
@@ -55,8 +55,7 @@ def parse_args(argv=None):
     s.add_argument("--nprobe", type=int, default=srch.nprobe, help="inverted lists searched (large sets, CPU)")
     add_pool_options(s, "search actors")
     p.add_argument("--run-id", default="", help="run id recorded in every row (default: generated)")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    add_ray_options(p)
     args = p.parse_args(argv)
     try:
         import dataclasses
@@ -80,15 +79,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from workers.audit.run import check_inputs, run_audit
-    from workers.storage import StorageError
 
     cfg, args = parse_args(argv)
-    try:
-        check_inputs(cfg, dict(cfg.storage_options))   # one line before Ray starts
-        connect_ray(args.local_cpus)
-        summary = run_audit(cfg)
-    except (FileNotFoundError, ValueError, StorageError) as exc:
-        fail(str(exc))
+    or_fail(lambda: check_inputs(cfg, dict(cfg.storage_options)))   # one line before Ray starts
+    connect_ray(args.local_cpus)
+    summary = or_fail(lambda: run_audit(cfg))
     print(json.dumps(summary))
     return summary
 

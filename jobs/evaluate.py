@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs._common import fail, storage_options
+from jobs._common import add_endpoint_option, fail, or_fail, storage_options
 
 
 def parse_args(argv=None):
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--embedder", default="sface", help="with --degrade: the model that embeds the degraded crops")
     p.add_argument("--folds", type=int, default=0, help="use only the first K folds (0: all)")
     p.add_argument("--far", type=float, default=1e-3, help="false accept rate of VAL@FAR")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    add_endpoint_option(p)
     args = p.parse_args(argv)
     try:
         return EvaluateConfig(faces=args.faces, pairs=args.pairs, output=args.output, embeddings=args.embeddings,
@@ -43,13 +43,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from workers.evaluation.evaluate import run_evaluate
-    from workers.storage import StorageError
 
     cfg = parse_args(argv)
-    try:
-        result = run_evaluate(cfg)
-    except (FileNotFoundError, ValueError, StorageError) as exc:
-        fail(str(exc))
+    result = or_fail(lambda: run_evaluate(cfg))
     print(json.dumps(result))
     return result
 

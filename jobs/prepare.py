@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs._common import connect_ray, fail, storage_options
+from jobs._common import add_ray_options, connect_ray, fail, storage_options
 
 
 def parse_args(argv=None):
@@ -22,11 +22,10 @@ def parse_args(argv=None):
     add_prepare_options(p)
     add_precision_option(p)
     add_pool_options(p, "face actors")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    add_ray_options(p)
     p.add_argument("--run-id", default="", help="letters, digits, '.', '_', '-' (default: time + random)")
     p.add_argument("--shared-fs", action="store_true",
                    help="local --input/--output paths are on a filesystem every Ray node sees")
-    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     args = p.parse_args(argv)
     try:
         cfg = prepare_config(args, storage_options(args.s3_endpoint_url), args.run_id or new_run_id())

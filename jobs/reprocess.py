@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from jobs._common import connect_ray, fail, storage_options
+from jobs._common import add_ray_options, connect_ray, fail, storage_options
 
 
 def submission_id() -> str:
@@ -46,8 +46,7 @@ def parse_args(argv=None):
                    help="run id recorded in every row (default: the Ray job submission id, else generated)")
     p.add_argument("--shared-fs", action="store_true",
                    help="a local --output (and --input) is on a filesystem every Ray node sees")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    add_ray_options(p)
     actors = p.add_argument_group("actors (both modes)")
     add_pool_options(actors, "embed actors")
     add_precision_option(actors, d.precision)

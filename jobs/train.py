@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs._common import connect_ray, fail, storage_options
+from jobs._common import add_ray_options, connect_ray, fail, storage_options
 
 
 def parse_args(argv=None):
@@ -68,8 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout-degrade", default="", help="comma-separated domains measured on the held-out pairs "
                    "besides clean every epoch, e.g. lowres:16,jpeg:10+gray,mask")
     p.add_argument("--run-id", default="")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    add_ray_options(p)
     args = p.parse_args(argv)
     from workers.training.augment import parse_augment
 

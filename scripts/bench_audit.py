@@ -103,14 +103,14 @@ def run_fastdup(python: str, files: list[str], work: Path) -> pd.DataFrame:
     """fastdup's similarity pairs (uri_a, uri_b, similarity) over ``files``, k = 10, similarity >= 0.5."""
     listing = work / "fastdup_files.txt"
     listing.write_text("\n".join(files) + "\n")
-    out = work / "fastdup_similarity.parquet"
+    out = work / "fastdup_similarity.csv"
     code = ("import fastdup, sys\n"
             f"fd = fastdup.create(work_dir={str(work / 'fastdup')!r}, input_dir={str(listing)!r})\n"
             "fd.run(overwrite=True, threshold=0.5, nearest_neighbors_k=10, num_threads=2)\n"
             "s = fd.similarity()\n"
-            f"s[['filename_from', 'filename_to', 'distance']].to_parquet({str(out)!r})\n")
+            f"s[['filename_from', 'filename_to', 'distance']].to_csv({str(out)!r}, index=False)\n")
     sh([python, "-c", code], work / "fastdup.log")
-    s = pd.read_parquet(out)
+    s = pd.read_csv(out)
     return s.rename(columns={"filename_from": "a", "filename_to": "b", "distance": "similarity"})
 
 

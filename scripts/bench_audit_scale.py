@@ -111,6 +111,7 @@ def main(argv=None) -> None:
     p.add_argument("--faces", type=int, default=1_000_000)
     p.add_argument("--crops", type=int, default=4000)
     p.add_argument("--local-cpus", type=int, default=2)
+    p.add_argument("--generate-only", action="store_true", help="write the synthetic dataset, audit nothing")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     root, out = f"{args.work}/dataset-{args.faces}", f"{args.work}/audit-{args.faces}"
@@ -120,6 +121,10 @@ def main(argv=None) -> None:
         shape = synthetic(args.lfw, root, args.faces, args.crops)
         Path(root, "shape.json").write_text(json.dumps(shape))
         shape["generate_s"] = round(time.time() - t0, 1)
+        Path(root, "shape.json").write_text(json.dumps(shape))
+    if args.generate_only:
+        print(f"{root}: {shape}")
+        return
     cmd = [sys.executable, "-m", "jobs.audit", "--dataset", root, "--output", out, "--cluster",
            "--local-cpus", str(args.local_cpus)]
     start = time.time()

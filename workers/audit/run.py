@@ -60,7 +60,7 @@ def check_inputs(cfg: AuditConfig, opts: dict) -> dict:
         out["embeddings"] = dataset.read_table(cfg.root, f"{S.EMBEDDINGS}/{cfg.embeddings}", opts,
                                                columns=EMBEDDING_KEYS + [S.EMBEDDING])
         faces = dataset.read_table(cfg.root, S.FACES, opts, columns=EMBEDDING_KEYS)
-        missing = len(faces) - int(_match(faces, out["embeddings"]).__ge__(0).sum())
+        missing = int((_match(faces, out["embeddings"]) < 0).sum())
         if missing:
             raise ValueError(f"embeddings table {cfg.embeddings!r} does not match the faces: {missing} of "
                              f"{len(faces)} current faces have no vector in it; re-embed with jobs.reprocess")
