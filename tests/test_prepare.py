@@ -20,7 +20,7 @@ from tests.procs import kill_tree
 from tests.conftest import REPO, SAMPLE, copy_people, lfw_people, needs_lfw
 from workers import dataset
 from workers.lease import LEASE_FILE
-from workers.pipeline import PrepareConfig, run_prepare
+from workers.pipeline import PrepareConfig, plan_shards, run_prepare, shard_sizes
 from workers.records import decode_crops
 from workers.graph import PoolSettings
 
@@ -191,3 +191,16 @@ def test_bad_arguments_fail_fast_with_one_line(tmp_path):
     huge = _cli("--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--shard-size", "30000")
     assert huge.returncode == 2 and "shard_size must be in [1, 10000]" in huge.stderr
     assert len(huge.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_first_shards_are_small_and_grow_to_the_shard_size():
+    # The first commit waits for one small actor call, not shards_per_call x shard_size images.
+    assert shard_sizes(2000, 256, 2) == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 256, 256, 256, 240]
+    assert shard_sizes(100, 64, 1) == [16, 32, 52]
+    assert shard_sizes(32, 4, 1) == [4] * 8 and shard_sizes(5, 256, 2) == [5] and shard_sizes(0, 8, 2) == []
+    todo = pd.DataFrame({S.URI: [f"/in/p/{i:04d}.jpg" for i in range(300)][::-1], S.IDENTITY: "p",
+                         S.FINGERPRINT: None})
+    shards = plan_shards(todo, 128, salt="r", shards_per_call=2)
+    uris = [u for s in shards for u in s["uris"]]
+    assert [len(s["uris"]) for s in shards] == shard_sizes(300, 128, 2) and uris == sorted(todo[S.URI])
+    assert len({s["shard"] for s in shards}) == len(shards)

@@ -3,7 +3,8 @@
 What to do comes from the dataset's current rows (:func:`files_to_do`): a file is done when its image row
 has the same input fingerprint and was made with the same settings, unless it recorded a transient error
 (``schemas.TRANSIENT_ERRORS``) or the run asks to retry errors. The files to do are sorted by uri and cut
-into shards of ``shard_size``; each shard commits in one Delta transaction (:mod:`workers.dataset`), so a
+into shards of ``shard_size`` (the first ones smaller, :func:`shard_sizes`, so that the first shard commits
+within seconds); each shard commits in one Delta transaction (:mod:`workers.dataset`), so a
 killed run leaves whole shards or nothing, and the rerun does exactly the rest. Nothing but one small
 summary row per shard ever comes back to the driver.
 
