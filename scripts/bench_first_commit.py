@@ -8,7 +8,8 @@ child process (so Ray's start-up is counted, as a user sees it) and afterwards r
 the records Delta table's history (one commit per shard; the images each commit added from the table at
 that version). Per run:
 
-* ``first_commit_s``: from starting the child to the first shard's commit;
+* ``first_commit_s``: from starting the child to the first shard's commit (``graph_start_s``: to prepare's
+  "N to do in M shards" line, printed once Ray is up and the work is planned, just before the graph runs);
 * ``steady_img_s``: images committed after the first commit / (last commit - first commit);
 * ``overall_img_s``: images / (last commit - start), and ``wall_s`` the child's whole life (its report,
   vacuum and Ray shut-down included);
@@ -43,7 +44,7 @@ if str(REPO) not in sys.path:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python scripts/bench_first_commit.py", description=__doc__.splitlines()[0])
-    p.add_argument("--manifest", required=True, type=Path, help="CSV manifest (uri, identity) of the images")
+    p.add_argument("--manifest", type=Path, help="CSV manifest (uri, identity) of the images")
     p.add_argument("--config", action="append", default=[], metavar="LABEL=ARGS",
                    help="a configuration: a label and the extra jobs.prepare arguments (repeatable)")
     p.add_argument("--checkout", action="append", default=[], metavar="LABEL=PATH",
@@ -57,7 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=900.0, help="kill a run after this many seconds")
     p.add_argument("--keep", type=Path, default=None, help="keep each run's dataset and logs under this folder")
     p.add_argument("--json", type=Path, default=Path("bench_first_commit.json"))
+    p.add_argument("--table", action="store_true", help="only print the table of an earlier --json")
     args = p.parse_args(argv)
+    if args.manifest is None and not args.table:
+        p.error("--manifest is required (unless --table)")
     configs = []
     for spec in args.config or ["default="]:
         label, sep, rest = spec.partition("=")
@@ -121,7 +125,8 @@ def run_prepare(manifest: Path, extra: list[str], local_cpus: int, workdir: Path
     if checkout:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     t0 = time.time()
-    child = subprocess.Popen(cmd, cwd=checkout or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(cmd, cwd=checkout or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     lines: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: lines.extend((time.time() - t0, ln.rstrip()) for ln in child.stdout),
                               daemon=True)
@@ -186,8 +191,8 @@ def _range(values, spec="{:.1f}") -> str:
 def print_table(results: dict) -> None:
     stage = [s["img_s"] for s in results["stage"]]
     print(f"\nmedian (min-max) over {results['args']['repeat']} round(s); stage alone: {_range(stage)} img/s")
-    head = ("| config | prepare args | load (1 min) | first commit s | images in it | steady img/s | overall img/s "
-            "| overall / steady | overall / stage | wall s |")
+    head = ("| config | prepare args | load (1 min) | graph starts s | first commit s | after the graph starts s "
+            "| images in it | steady img/s | overall img/s | overall / steady | overall / stage | wall s |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for label, extra in results["configs"].items():
@@ -196,16 +201,28 @@ def print_table(results: dict) -> None:
                        for r in runs]
         ratio_steady = [r["overall_img_s"] / r["steady_img_s"] if r["overall_img_s"] and r["steady_img_s"] else None
                         for r in runs]
-        print(f"| {label} | `{' '.join(extra) or '(defaults)'}` | {_range([r['load']['load_1min'] for r in runs], '{:.2f}')} "
-              f"| {_range([r['first_commit_s'] for r in runs])} | {_range([r.get('first_commit_images') for r in runs], '{:.0f}')} "
+        after_graph = [r["first_commit_s"] - r["graph_start_s"] if r["first_commit_s"] and r["graph_start_s"] else None
+                       for r in runs]
+        loads = _range([r["load"]["load_1min"] for r in runs], "{:.2f}")
+        print(f"| {label} | `{' '.join(extra) or '(defaults)'}` | {loads} "
+              f"| {_range([r['graph_start_s'] for r in runs])} | {_range([r['first_commit_s'] for r in runs])} "
+              f"| {_range(after_graph)} "
+              f"| {_range([r.get('first_commit_images') for r in runs], '{:.0f}')} "
               f"| {_range([r['steady_img_s'] for r in runs])} | {_range([r['overall_img_s'] for r in runs])} "
-              f"| {_range(ratio_steady, '{:.2f}')} | {_range(ratio_stage, '{:.2f}')} | {_range([r['wall_s'] for r in runs])} |")
+              f"| {_range(ratio_steady, '{:.2f}')} | {_range(ratio_stage, '{:.2f}')} "
+              f"| {_range([r['wall_s'] for r in runs])} |")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        results = json.loads(args.json.read_text())
+        print_table(results)
+        return results
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("configs", "checkouts")},
+    kept = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("configs", "checkouts")}
+    results = {"args": kept,
                "configs": {label: extra for label, extra in args.configs}, "checkouts": args.checkouts, "machine": {
                    "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}, "runs": [], "stage": []}
     root = Path(tempfile.mkdtemp(prefix="bench_first_commit_")) if args.keep is None else args.keep
