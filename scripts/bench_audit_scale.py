@@ -112,11 +112,17 @@ def main(argv=None) -> None:
     p.add_argument("--crops", type=int, default=4000)
     p.add_argument("--local-cpus", type=int, default=2)
     p.add_argument("--generate-only", action="store_true", help="write the synthetic dataset, audit nothing")
+    p.add_argument("--dataset", default="", help="audit this prepared dataset instead (e.g. LFW), no synthetic one")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     root, out = f"{args.work}/dataset-{args.faces}", f"{args.work}/audit-{args.faces}"
     t0 = time.time()
     shape = json.loads(Path(root, "shape.json").read_text()) if Path(root, "shape.json").exists() else None
+    if args.dataset:
+        faces = dataset.read_table(args.dataset, S.FACES, columns=[S.IDENTITY])
+        root, out = args.dataset, f"{args.work}/audit-{Path(args.dataset).name}"
+        shape = {"faces": faces.num_rows, "identities": len(set(faces.column(S.IDENTITY).to_pylist())),
+                 "dataset": args.dataset}
     if shape is None:
         shape = synthetic(args.lfw, root, args.faces, args.crops)
         Path(root, "shape.json").write_text(json.dumps(shape))
@@ -128,14 +134,14 @@ def main(argv=None) -> None:
     cmd = [sys.executable, "-m", "jobs.audit", "--dataset", root, "--output", out, "--cluster",
            "--local-cpus", str(args.local_cpus)]
     start = time.time()
-    with open(f"{args.work}/audit-{args.faces}.log", "w") as log:
+    with open(f"{out}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         watch = TreeMemory(proc.pid)
         rc = proc.wait()
         samples = watch.stop()
     wall = time.time() - start
     if rc:
-        sys.exit(f"error: the audit failed ({rc}); see {args.work}/audit-{args.faces}.log")
+        sys.exit(f"error: the audit failed ({rc}); see {out}.log")
     summary = json.loads(Path(out, "summary.json").read_text())
     phases, edge = {}, start + max(0.0, wall - summary["wall_time_s"])   # start-up before run_audit's clock
     phases["startup"] = (start, edge)
@@ -150,7 +156,7 @@ def main(argv=None) -> None:
     result = {"shape": shape, "command": " ".join(cmd), "wall_s": round(wall, 1), "target_s": TARGET_S,
               "pass": wall <= TARGET_S, "peak_rss_mb": round(max(m for _, m in samples) / 2**20),
               "phases": rows, "flagged": summary["flagged"], "clusters": summary.get("clusters")}
-    print(f"\naudit of {args.faces:,} synthetic faces ({shape['identities']:,} identities), local Ray "
+    print(f"\naudit of {shape['faces']:,} faces ({shape['identities']:,} identities; {shape.get('dataset', 'synthetic')}), local Ray "
           f"{args.local_cpus} CPUs")
     print(f"{'phase':<14} {'wall s':>8} {'peak RSS MB':>12}")
     for r in rows:

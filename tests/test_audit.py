@@ -124,6 +124,7 @@ def test_pixel_similarity_tells_a_re_encoded_copy_from_another_photo(tmp_path):
     thumbs = thumbnails(np.stack(crops))
     sim = pixel_similarity(thumbs[[0, 0]], thumbs[[1, 2]])
     assert sim[0] > 0.92 > sim[1]
+    assert pixel_similarity(thumbs[:0], thumbs[:0]).shape == (0,)   # no candidates (a set of strangers)
     mirrored = thumbnails(np.stack(crops)[:, :, ::-1])
     assert pixel_similarity(thumbs[:1], mirrored[:1])[0] > 0.999   # the mirror image counts as the same
 
@@ -259,6 +260,10 @@ def _job(*args: str) -> subprocess.CompletedProcess:
 def test_bad_input_fails_with_one_line(faulty, tmp_path):
     gone = _job("--dataset", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
     assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1 and "error:" in gone.stderr
+    empty = tmp_path / "empty"
+    dataset.create_dataset(str(empty), S.EMBEDDING_DIM)   # a dataset without faces (nor embeddings)
+    none = _job("--dataset", str(empty), "--output", str(tmp_path / "o"))
+    assert none.returncode == 2 and "holds no faces" in none.stderr and len(none.stderr.strip().splitlines()) == 1
     unknown = _job("--dataset", faulty["root"], "--embeddings", "nope", "--output", str(tmp_path / "o"))
     assert unknown.returncode == 2 and "no embeddings table 'nope'" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1

@@ -18,6 +18,8 @@ import numpy as np
 
 from workers.audit.groups import group_sums, leave_one_out_cosine
 
+MERGE_EXACT_MAX = 20_000   # clusters searched exactly at each merge round; more: an IVF index
+
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSettings:
@@ -72,10 +74,10 @@ def cluster_faces(embeddings: np.ndarray, sims: np.ndarray, rows: np.ndarray,
             by inner product (default: :mod:`workers.audit.knn` on CPU).
     """
     if search is None:
-        from workers.audit.knn import Index, neighbours
+        from workers.audit.knn import Index, SearchSettings, neighbours
 
-        def search(base, k):
-            return neighbours(Index(base), base, np.arange(len(base)), k)
+        def search(base, k):   # exact up to MERGE_EXACT_MAX clusters, IVF above
+            return neighbours(Index(base, SearchSettings(exact_max=MERGE_EXACT_MAX)), base, np.arange(len(base)), k)
 
     n = len(embeddings)
     labels = components(n, *edges(sims, rows, settings.seed))

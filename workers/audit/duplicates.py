@@ -71,6 +71,8 @@ def pixel_similarity(a: np.ndarray, b: np.ndarray, shift: int = SHIFT) -> np.nda
         return np.concatenate([pixel_similarity(a[i:i + PAIR_CHUNK], b[i:i + PAIR_CHUNK], shift)
                                for i in range(0, len(a), PAIR_CHUNK)])
     p, t, m = len(a), THUMB, shift
+    if p == 0:
+        return np.zeros(0, np.float32)
     ta = a.reshape(p, t, t).astype(np.float32)
     tb = b.reshape(p, t, t).astype(np.float32)
     core = _standardise(ta[:, m:t - m, m:t - m].reshape(p, -1))

@@ -126,14 +126,17 @@ def search(cfg: AuditConfig, embeddings: np.ndarray, codes: np.ndarray, centres:
 
     import ray
 
-    plan = plan_pool(cfg.pool, feeding_cpus=0.0)
+    # the read stage asks for what a CPU actor asks for, so Ray Data fuses it into the actors on a CPU-only
+    # pool (a zero-CPU stage would start a worker process per chunk at once)
+    feeding = cfg.pool.cpus_per_actor
+    plan = plan_pool(cfg.pool, feeding_cpus=feeding, fused_on_cpu=True)
     settings = dataclasses.replace(cfg.search, device="cuda" if plan.gpus else "cpu",
                                    threads=cfg.search.threads or plan.threads)
     actor_cfg = SearchActorConfig(embeddings=ray.put(embeddings),
                                   centres=ray.put(centres) if centres is not None else None, settings=settings)
     items = chunk_rows(len(embeddings), cfg.chunk_size)
     commit = Stage(nearest_other_identity, {"codes": ray.put(codes)}, cpus=plan.write_cpus)
-    rows = list(run_shard_graph(items, Stage(plan_chunk, {}, cpus=0.0), SearchActor, actor_cfg, cfg.pool, plan,
+    rows = list(run_shard_graph(items, Stage(plan_chunk, {}, cpus=feeding), SearchActor, actor_cfg, cfg.pool, plan,
                                 commit))
     return unpack_results(rows, len(embeddings), cfg.search.k)
 

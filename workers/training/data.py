@@ -207,7 +207,7 @@ def read_face_index(cfg: DataConfig, identities: Sequence[str] | None = None) ->
     where = None if identities is None else pc.field(S.IDENTITY).isin(pa.array(list(identities), pa.string()))
     if where is not None and not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
-    where = _and(where, _audit_filter(cfg))
+    where = _with_audit(cfg, where)
     table = dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
     frame = _keep_rows(table.to_pandas())
     if frame.empty and identities is None:
@@ -217,14 +217,12 @@ def read_face_index(cfg: DataConfig, identities: Sequence[str] | None = None) ->
     return frame if cfg.all_faces else frame[frame[S.FACE_INDEX] == 0].reset_index(drop=True)
 
 
-def _audit_filter(cfg: DataConfig):
+def _with_audit(cfg: DataConfig, where):
+    """``where`` and the filter that drops the faces of ``cfg.exclude_audit`` (either may be None)."""
     from workers.audit.exclude import exclusion_filter
 
-    return exclusion_filter(cfg.exclude_audit, cfg.storage_options)
-
-
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
+    audit = exclusion_filter(cfg.exclude_audit, cfg.storage_options)
+    return where if audit is None else audit if where is None else where & audit
 
 
 def _keep_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -273,7 +271,7 @@ def _read_faces(cfg: DataConfig, names: Sequence[str], columns: list[str]) -> pa
     where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string()))
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
-    where = _and(where, _audit_filter(cfg))
+    where = _with_audit(cfg, where)
     return dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
 
 
@@ -303,7 +301,7 @@ def _scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string())) & (pc.field(S.FACE_INDEX) >= 0)
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
-    where = _and(where, _audit_filter(cfg))
+    where = _with_audit(cfg, where)
     scanner = table.to_pyarrow_dataset().scanner(
         columns=columns, filter=where, batch_size=batch_rows, batch_readahead=2, fragment_readahead=2)
     for batch in scanner.to_batches():
