@@ -79,7 +79,7 @@ def test_identity_splits_find_two_people_under_one_name_and_nothing_else():
 def test_knn_ivf_finds_the_exact_neighbours_and_skips_self():
     emb, _ = _people(400, 5, 0.3, dim=32)
     exact = Index(emb, SearchSettings())
-    ivf = Index(emb, SearchSettings(exact_max=100, nprobe=16))
+    ivf = Index(emb, SearchSettings(exact_max=100))   # the default nprobe
     assert exact.exact and not ivf.exact
     se, re_ = neighbours(exact, emb, np.arange(len(emb)), 4)
     si, ri = neighbours(ivf, emb, np.arange(len(emb)), 4)

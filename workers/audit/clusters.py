@@ -4,9 +4,9 @@ Two stages, both connected components (scipy) over sparse graphs, never an all-p
 
 1. **seeds**: components of the kNN edges at cosine >= ``seed`` (strict: nearly every edge joins one
    person's faces);
-2. **average-linkage merges**: clusters whose members are on average at least ``merge`` apart in cosine
-   (the dot product of their *unnormalised* mean embeddings, the mean of all cross pairs) are joined,
-   searching each cluster's nearest clusters by that dot product, until no merge is left.
+2. **average-linkage merges**: clusters joined by a kNN edge whose members are on average at least
+   ``merge`` close in cosine (the dot product of their *unnormalised* mean embeddings, the mean of all cross
+   pairs) are joined, round after round, until no merge is left.
 
 A face's confidence is its cosine to the mean of the other faces of its cluster (NaN for a single face).
 """
@@ -18,7 +18,6 @@ import numpy as np
 
 from workers.audit.groups import group_sums, leave_one_out_cosine
 
-MERGE_EXACT_MAX = 20_000   # clusters searched exactly at each merge round; more: an IVF index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,20 +27,18 @@ class ClusterSettings:
     Attributes:
         seed: kNN edges at least this close seed the clusters.
         merge: clusters whose mean cross-pair cosine is at least this are merged.
-        neighbours: nearest clusters searched per cluster at each merge round.
         rounds: merge rounds at most.
     """
 
     seed: float = 0.65
     merge: float = 0.5
-    neighbours: int = 5
     rounds: int = 6
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.merge <= self.seed <= 1.0:
             raise ValueError(f"cluster thresholds need -1 <= merge <= seed <= 1, got {self.merge}, {self.seed}")
-        if self.neighbours < 1 or self.rounds < 0:
-            raise ValueError("cluster neighbours must be >= 1 and rounds >= 0")
+        if self.rounds < 0:
+            raise ValueError(f"cluster rounds must be >= 0, got {self.rounds}")
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,35 +60,35 @@ def edges(sims: np.ndarray, rows: np.ndarray, threshold: float) -> tuple[np.ndar
 
 
 def cluster_faces(embeddings: np.ndarray, sims: np.ndarray, rows: np.ndarray,
-                  settings: ClusterSettings = ClusterSettings(), search=None) -> tuple[np.ndarray, np.ndarray]:
+                  settings: ClusterSettings = ClusterSettings()) -> tuple[np.ndarray, np.ndarray]:
     """Cluster faces; returns (cluster id int64[N], confidence float32[N]).
+
+    The merge rounds need no second search: two clusters are candidates when a kNN edge of the faces joins
+    them, and their average linkage is the dot product of their unnormalised mean embeddings.
 
     Args:
         embeddings: float32[N, D] unit rows.
         sims, rows: float32[N, k], int64[N, k] each face's nearest other faces.
         settings: thresholds.
-        search: ``search(base float32[M, D], k) -> (sims, rows)`` of each base row's nearest other rows
-            by inner product (default: :mod:`workers.audit.knn` on CPU).
     """
-    if search is None:
-        from workers.audit.knn import Index, SearchSettings, neighbours
-
-        def search(base, k):   # exact up to MERGE_EXACT_MAX clusters, IVF above
-            return neighbours(Index(base, SearchSettings(exact_max=MERGE_EXACT_MAX)), base, np.arange(len(base)), k)
-
     n = len(embeddings)
     labels = components(n, *edges(sims, rows, settings.seed))
+    a, b = edges(sims, rows, -1.0)                       # every kNN edge: the candidate links
     for _ in range(settings.rounds):
-        count = labels.max() + 1
-        if count < 2:
+        count = int(labels.max()) + 1
+        ca, cb = labels[a], labels[b]
+        cross = ca != cb
+        if not cross.any():
             break
-        means = (group_sums(embeddings, labels, count) / np.bincount(labels, minlength=count)[:, None])
-        s2, r2 = search(means.astype(np.float32), min(settings.neighbours, count - 1))
-        merged = components(count, *edges(s2, r2, settings.merge))
-        if merged.max() + 1 == count:
+        pairs = np.unique(np.stack([np.minimum(ca[cross], cb[cross]), np.maximum(ca[cross], cb[cross])], 1), axis=0)
+        means = group_sums(embeddings, labels, count) / np.bincount(labels, minlength=count)[:, None]
+        link = np.concatenate([np.einsum("pd,pd->p", means[pairs[i:i + 65536, 0]], means[pairs[i:i + 65536, 1]])
+                               for i in range(0, len(pairs), 65536)])
+        keep = link >= settings.merge
+        if not keep.any():
             break
-        labels = merged[labels]
-    count = labels.max() + 1
+        labels = components(count, pairs[keep, 0], pairs[keep, 1])[labels]
+    count = int(labels.max()) + 1
     weights = np.ones(n)
     confidence = leave_one_out_cosine(embeddings, labels, group_sums(embeddings, labels, count, weights),
                                       group_sums(weights, labels, count), weights)

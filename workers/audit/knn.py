@@ -29,7 +29,7 @@ class SearchSettings:
     """
 
     k: int = 10
-    nprobe: int = 16
+    nprobe: int = 8
     exact_max: int = EXACT_MAX
     threads: int = 0
     device: str = "cpu"
