@@ -142,6 +142,16 @@ def test_sharpness_and_pose_measure_what_they_say():
     assert roll[0] == pytest.approx(0.0) and pitch[0] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_corrupt_stored_crop_is_marked_not_raised():
+    from workers.audit.scan import decode_each
+    from workers.records import encode_crops
+
+    good = encode_crops(np.full((2, 112, 112, 3), 90, np.uint8)).to_pylist()
+    crops, ok = decode_each([good[0], b"not a jpeg", good[1]])
+    assert ok.tolist() == [True, False, True] and crops.shape == (3, 112, 112, 3)
+    assert crops[1].max() == 0 and abs(int(crops[0].mean()) - 90) <= 2
+
+
 def test_config_and_settings_refuse_bad_values():
     with pytest.raises(ValueError, match="candidate"):
         from workers.audit.duplicates import DuplicateSettings

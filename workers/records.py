@@ -175,3 +175,21 @@ def decode_crops(encoded) -> np.ndarray:
     values = encoded.to_pylist() if hasattr(encoded, "to_pylist") else list(encoded)
     imgs = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1] for b in values]
     return np.stack(imgs) if imgs else np.zeros((0, 112, 112, 3), np.uint8)
+
+
+def decode_crops_checked(encoded) -> tuple[np.ndarray, np.ndarray]:
+    """Stored crops -> (uint8[K, S, S, 3] RGB of the K decodable ones, bool[N] decodable): a corrupt crop is
+    counted, not raised. One whole-batch decode; one by one only after that failed."""
+    values = encoded.to_pylist() if hasattr(encoded, "to_pylist") else list(encoded)
+    try:
+        return decode_crops(values), np.ones(len(values), bool)
+    except Exception:  # noqa: BLE001 - find the bad crops
+        pass
+    ok, crops = np.zeros(len(values), bool), []
+    for i, blob in enumerate(values):  # only after a whole-batch decode failed
+        try:
+            crops.append(decode_crops([blob])[0])
+            ok[i] = True
+        except Exception:  # noqa: BLE001 - a corrupt stored crop
+            pass
+    return (np.stack(crops) if crops else np.zeros((0, 112, 112, 3), np.uint8)), ok

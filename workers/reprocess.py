@@ -89,18 +89,6 @@ class EmbedActorConfig:
 # Ray-side callables (plain functions and a callable class; testable without Ray)
 # --------------------------------------------------------------------------------------------------
 
-def _decode_each(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode crops one by one: (uint8[K, S, S, 3] of the decodable ones, bool[N] decodable)."""
-    ok, crops = np.zeros(len(encoded), bool), []
-    for i, blob in enumerate(encoded):  # only after a whole-shard decode failed
-        try:
-            crops.append(records.decode_crops([blob])[0])
-            ok[i] = True
-        except Exception:  # noqa: BLE001 - a corrupt stored crop is counted, not raised
-            pass
-    return (np.stack(crops) if crops else np.zeros((0, 112, 112, 3), np.uint8)), ok
-
-
 def read_crops(row: dict, *, root: str, storage_options: dict | None) -> dict:
     """Read the current face rows of one shard and decode their stored crops.
 
@@ -115,11 +103,7 @@ def read_crops(row: dict, *, root: str, storage_options: dict | None) -> dict:
         their faces are left out).
     """
     faces = dataset.read_shard_faces(root, row["shard"], _META_COLUMNS + [S.CROP], storage_options)
-    encoded = faces.column(S.CROP).to_pylist()
-    try:
-        crops, ok = records.decode_crops(encoded), np.ones(len(encoded), bool)
-    except Exception:  # noqa: BLE001 - find the bad crops
-        crops, ok = _decode_each(encoded)
+    crops, ok = records.decode_crops_checked(faces.column(S.CROP))
     meta = faces.select(_META_COLUMNS)
     if not ok.all():
         meta = meta.filter(pa.array(ok))

@@ -6,7 +6,6 @@ thumbnail. The crops (5 kB each) stay in the task; what returns is about 0.9 kB 
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,18 +21,11 @@ SHARPNESS = "sharpness"
 SCAN_COLUMNS = [*KEYS, S.BOX, S.SCORE, S.LANDMARKS, S.EMBEDDING, SHARPNESS, THUMBNAIL]
 
 
-def decode_each(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def decode_each(encoded) -> tuple[np.ndarray, np.ndarray]:
     """(uint8[N, S, S, 3] RGB crops, ok bool[N]): crops that do not decode are zeros and not ok."""
-    try:
-        return records.decode_crops(encoded), np.ones(len(encoded), bool)
-    except Exception:  # noqa: BLE001 - find the bad ones one by one
-        pass
-    decoded = [cv2.imdecode(np.frombuffer(b or b"\0", np.uint8), cv2.IMREAD_COLOR) for b in encoded]
-    shape = next((d.shape for d in decoded if d is not None), (112, 112, 3))
-    ok = np.array([d is not None and d.shape == shape for d in decoded], bool)
-    crops = np.zeros((len(encoded), *shape), np.uint8)
-    if ok.any():
-        crops[ok] = np.stack([d[:, :, ::-1] for d, good in zip(decoded, ok) if good])
+    good, ok = records.decode_crops_checked(encoded)
+    crops = np.zeros((len(ok), *good.shape[1:]), np.uint8)
+    crops[ok] = good
     return crops, ok
 
 
@@ -56,7 +48,7 @@ def scan_shard(row: dict, *, root: str, all_faces: bool, with_embedding: bool,
     faces = dataset.read_shard_faces(root, row["shard"], columns, storage_options)
     if not all_faces:
         faces = faces.filter(pc.equal(faces[S.FACE_INDEX], 0))
-    crops, ok = decode_each(faces.column(S.CROP).to_pylist())
+    crops, ok = decode_each(faces.column(S.CROP))
     sharp = np.where(ok, laplacian_sharpness(crops), np.nan).astype(np.float32)
     thumbs = np.where(ok[:, None], thumbnails(crops), 0).astype(np.uint8)
     table = faces.drop_columns([S.CROP]).append_column(SHARPNESS, pa.array(sharp, pa.float32()))
