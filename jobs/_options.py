@@ -38,9 +38,9 @@ def pool_settings(args: argparse.Namespace):
 
 
 def add_precision_option(group, default: str = "float32") -> None:
-    from workers.faces.embedders import EMBED_PRECISIONS
+    from workers.faces.config import PRECISIONS
 
-    group.add_argument("--embed-precision", choices=tuple(EMBED_PRECISIONS), default=default,
+    group.add_argument("--embed-precision", choices=PRECISIONS, default=default,
                        help="embedder precision: bfloat16 is ~2x faster on CPUs with AVX512-BF16 (see "
                             "docs/performance.md for its accuracy); float16 needs CUDA")
 
@@ -53,8 +53,7 @@ def add_prepare_options(group, suppress: bool = False) -> None:
         suppress: leave an option out of the namespace unless given (to tell which were passed).
     """
     from workers.decode import DecodeConfig
-    from workers.faces.align import AlignConfig
-    from workers.faces.mtcnn import MTCNNConfig
+    from workers.faces.config import AlignConfig, MTCNNConfig
     from workers.pipeline import PrepareConfig
 
     m, a, d, c = MTCNNConfig(), AlignConfig(), DecodeConfig(), PrepareConfig(input="", output="")
@@ -82,9 +81,7 @@ def prepare_config(args: argparse.Namespace, storage_options: tuple, run_id: str
         ValueError: a bad value (the config's own check).
     """
     from workers.decode import DecodeConfig
-    from workers.faces.align import AlignConfig
-    from workers.faces.engine import EngineConfig
-    from workers.faces.mtcnn import MTCNNConfig
+    from workers.faces.config import AlignConfig, EngineConfig, MTCNNConfig
     from workers.pipeline import PrepareConfig
 
     m, a, d, c = MTCNNConfig(), AlignConfig(), DecodeConfig(), PrepareConfig(input="", output="")

@@ -82,7 +82,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     from workers.faces.weights import WeightsNotFound
     from workers.dataset import require_dataset
-    from workers.faces.embedders import load_embedder
+    from workers.faces.weights import check_embedder
     from workers.lease import take_lease
     from workers.pipeline import check_prepare
     from workers.reprocess import run_incremental, run_reembed
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         if args.incremental:
             checked = check_prepare(cfg)
         else:
-            load_embedder(cfg.embedder)
+            check_embedder(cfg.embedder)
             require_dataset(root, opts)
         lease = take_lease(root, cfg.run_id, "reprocess", opts)
     except (StorageError, ValueError, WeightsNotFound) as exc:

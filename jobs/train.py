@@ -61,7 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--freeze-bn", action="store_true", help="keep the starting model's BatchNorm statistics")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute the backbone's activations in the backward pass: far less memory per step, "
-                        "~1/3 more compute (needs --freeze-bn)")
+                        "~1/3 more compute (exact: BatchNorm statistics still move once per step)")
+    p.add_argument("--malloc-mmap-threshold-mb", type=int, default=t.malloc_mmap_threshold_mb,
+                   help="glibc: blocks of at least this many MiB get their own mapping, returned to the OS when "
+                        "freed (0: glibc's default); 8 cut a CPU worker's peak RSS by ~650 MiB at 1M faces for "
+                        "~20%% fewer samples/s")
     p.add_argument("--precision", choices=PRECISIONS, default=t.precision,
                    help="autocast of the forward pass: auto = bfloat16/float16 on CUDA, float32 on CPU; bfloat16 "
                         "is ~2x faster on CPUs with AVX512-BF16/AMX")
@@ -90,6 +94,7 @@ def parse_args(argv=None):
             max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, run_id=args.run_id,
             augment=parse_augment(args.augment), distill_weight=args.distill_weight, freeze_bn=args.freeze_bn,
             precision=args.precision, checkpoint_activations=args.checkpoint_activations,
+            malloc_mmap_threshold_mb=args.malloc_mmap_threshold_mb,
             heldout_degrade=tuple(d.strip() for d in args.heldout_degrade.split(",") if d.strip()),
             storage_options=opts)
     except ValueError as exc:

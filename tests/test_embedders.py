@@ -330,3 +330,31 @@ def test_freeze_layers(sface):
     assert all(p.requires_grad for p in module.parameters()) and module.stem.bn.training
     with pytest.raises(ValueError, match="16"):
         freeze_layers(module, 16)
+
+
+def test_dequantised_sface_is_cached_on_disk(onnx_path, tmp_path, monkeypatch):
+    """The ONNX conversion runs once per machine: later processes load the cached file (checked key for key),
+    a truncated or foreign cache file is converted again and replaced, an unwritable cache is skipped."""
+    monkeypatch.setenv("FACEMILL_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = sface_net.sface_state_dict_from_onnx
+    monkeypatch.setattr(sface_net, "sface_state_dict_from_onnx", lambda p: calls.append(p) or real(p))
+    convert = sface_net.cached_onnx_state_dict.__wrapped__      # past the per-process memo: a new process
+    mtime = onnx_path.stat().st_mtime_ns
+    first = convert(str(onnx_path), mtime)
+    (cached,) = (tmp_path / "cache" / "sface").glob("*.pt")
+    assert len(calls) == 1 and not list(cached.parent.glob(".*tmp"))
+    again = convert(str(onnx_path), mtime)
+    assert len(calls) == 1 and again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    cached.write_bytes(cached.read_bytes()[:1000])             # truncated
+    assert torch.equal(convert(str(onnx_path), mtime)["head.fc.weight"], first["head.fc.weight"])
+    assert len(calls) == 2 and cached.stat().st_size > 1_000_000
+    torch.save({"x": torch.zeros(1)}, cached)                  # a foreign file
+    convert(str(onnx_path), mtime)
+    assert len(calls) == 3
+    assert convert(str(onnx_path), mtime + 1) is not None and len(calls) == 4   # a changed ONNX file: new key
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("FACEMILL_CACHE", str(blocked))           # the cache cannot be created
+    assert torch.equal(convert(str(onnx_path), mtime)["head.fc.weight"], first["head.fc.weight"])

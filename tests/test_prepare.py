@@ -195,8 +195,9 @@ def test_bad_arguments_fail_fast_with_one_line(tmp_path):
 
 def test_first_shards_are_small_and_grow_to_the_shard_size():
     # The first commit waits for one small actor call, not shards_per_call x shard_size images.
-    assert shard_sizes(2000, 256, 2) == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 256, 256, 256, 240]
-    assert shard_sizes(100, 64, 1) == [16, 32, 52]
+    assert shard_sizes(2000, 256, 2) == [8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 256, 256, 256, 224]
+    assert shard_sizes(100, 64, 1) == [8, 16, 32, 44]
+    assert shard_sizes(100, 64, 1, first=16) == [16, 32, 52]
     assert shard_sizes(32, 4, 1) == [4] * 8 and shard_sizes(5, 256, 2) == [5] and shard_sizes(0, 8, 2) == []
     todo = pd.DataFrame({S.URI: [f"/in/p/{i:04d}.jpg" for i in range(300)][::-1], S.IDENTITY: "p",
                          S.FINGERPRINT: None})

@@ -3,6 +3,7 @@ what they say, a state round trip continues the same run; and the held-out proto
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,10 +187,66 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
 
 
-def test_checkpointing_needs_frozen_bn():
+def test_checkpointing_in_train_mode_moves_bn_statistics_once():
+    # Without frozen BN the recompute runs BatchNorm in train mode a second time: plain checkpointing moved
+    # every running mean and counter twice per step. Same gradients and same statistics as no checkpointing.
     from workers.training.config import TrainConfig
     from workers.training.data import DataConfig
 
-    with pytest.raises(ValueError, match="checkpoint_activations needs freeze_bn"):
-        TrainConfig(data=DataConfig(faces="x"), output="o", checkpoint_activations=True)
-    assert TrainConfig(data=DataConfig(faces="x"), output="o", checkpoint_activations=True, freeze_bn=True)
+    torch.set_num_threads(1)
+    crops, _ = _crops(5, people=2, per_person=2)
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    grads, stats = [], []
+    for segments in (0, 3):
+        net = copy.deepcopy(load_embedder("sface").module)
+        net.checkpoint_segments = segments
+        net.train()
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.Dropout):
+                layer.eval()
+        net(images).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        stats.append({k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k})
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    assert stats[1].keys() == stats[0].keys() and len(stats[0]) == 3 * 29
+    for key in stats[0]:
+        torch.testing.assert_close(stats[1][key], stats[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(stats[1]["blocks.5.dw.bn.num_batches_tracked"]) == 1
+    assert TrainConfig(data=DataConfig(faces="x"), output="o", checkpoint_activations=True).checkpoint_activations
+
+
+def test_malloc_mmap_threshold_is_applied(tmp_path):
+    # In a fresh process: after a freed 4 MiB block glibc raises its threshold and serves the next ones from the
+    # heap; with --malloc-mmap-threshold-mb 1 each one is its own mapping (mallinfo2's hblks counts them).
+    import subprocess
+    import sys
+
+    from workers.training.config import TrainConfig
+    from workers.training.data import DataConfig
+
+    code = """
+import ctypes, sys
+from workers.training.worker import tune_malloc
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+mb = int(sys.argv[1])
+assert tune_malloc(0, mb) is True
+libc.free(libc.malloc(4 << 20))            # glibc's dynamic threshold rises past 4 MiB here
+before = libc.mallinfo2().hblks
+blocks = [libc.malloc(4 << 20) for _ in range(8)]
+print(libc.mallinfo2().hblks - before)
+"""
+    counts = []
+    for mb in (0, 1):
+        r = subprocess.run([sys.executable, "-c", code, str(mb)], capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 0, r.stderr[-1500:]
+        counts.append(int(r.stdout))
+    assert counts == [0, 8]
+    with pytest.raises(ValueError, match="malloc_mmap_threshold_mb must be in"):
+        TrainConfig(data=DataConfig(faces="x"), output="o", malloc_mmap_threshold_mb=64)

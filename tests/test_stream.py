@@ -139,7 +139,7 @@ def test_a_worker_holds_its_share_as_jpeg_bytes_and_reads_only_its_rows(tiny, mo
     cfg, split = tiny
     stored = _stored(cfg)
     reads = []
-    real_scan = data_module._scan_faces
+    real_scan = data_module.scan_faces
 
     def spy(cfg_, names, columns, *args, **kwargs):
         rows = 0
@@ -148,7 +148,7 @@ def test_a_worker_holds_its_share_as_jpeg_bytes_and_reads_only_its_rows(tiny, mo
             yield batch
         reads.append((columns, sorted(names), rows))
 
-    monkeypatch.setattr(data_module, "_scan_faces", spy)
+    monkeypatch.setattr(data_module, "scan_faces", spy)
     owner, steps = plan_shards(split, workers, 2, cfg.seed)
     seen = []
     for rank in range(workers):

@@ -21,8 +21,8 @@ import schemas as S
 from workers import dataset, reading, records
 from workers.decode import DecodeConfig, decode_image
 
-if TYPE_CHECKING:   # the engine imports torch; decode and write tasks must not pay for it
-    from workers.faces.engine import EngineConfig
+if TYPE_CHECKING:
+    from workers.faces.config import EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def run_shard_graph(items: list[dict], read: Stage, actor: type, actor_config: A
 def warm_workers(modules: list[str], workers: int = 1) -> list:
     """Import Ray Data and ``modules`` in ``workers`` idle Ray worker processes, without waiting.
 
-    The first commit task otherwise lands on a cold worker that imports them on the spot (3.8 s on
+    The first commit task otherwise lands on a cold worker that imports them on the spot (2-4 s on
     2 loaded CPUs, after the first actor call); Ray hands the warmed worker to the next task.
 
     Returns:

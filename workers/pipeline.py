@@ -27,7 +27,7 @@ import schemas as S
 from workers import dataset, inputs, storage
 from workers.actors import ActorConfig, FaceActor, decode_shard, write_shard
 from workers.decode import DecodeConfig
-from workers.faces.engine import EngineConfig
+from workers.faces.config import EngineConfig, check_precision
 from workers.graph import PoolSettings, Stage, check_cluster, plan_pool, run_shard_graph
 from workers.report import write_prepare_report
 from workers.runs import check_run_id, new_run_id, write_run_record
@@ -73,8 +73,6 @@ class PrepareConfig:
         if not 1 <= self.crop_quality <= 100:
             raise ValueError(f"crop_quality must be in [1, 100], got {self.crop_quality}")
         check_run_id(self.run_id)
-        from workers.faces.embedders import check_precision
-
         device = self.pool.device
         check_precision(self.engine.embed_precision, None if device == "auto" else device)
 
@@ -92,7 +90,7 @@ def settings_digest(cfg: "PrepareConfig", embedder_name: str, embedder_version: 
 #: The first shards of a run hold this many images (or ``shard_size`` if smaller), and the size doubles
 #: every ``shards_per_call`` shards up to ``shard_size``: the first commit waits for one small actor call,
 #: not for ``shards_per_call x shard_size`` images (512 by default, ~15 s on 2 CPUs; docs/performance.md).
-FIRST_SHARD_SIZE = 16
+FIRST_SHARD_SIZE = 8
 
 
 def shard_sizes(n: int, shard_size: int, shards_per_call: int = 1, first: int = FIRST_SHARD_SIZE) -> list[int]:
@@ -173,10 +171,10 @@ def check_prepare(cfg: PrepareConfig) -> Checked:
         ValueError: unknown embedder.
         WeightsNotFound: a registry model's package is missing.
     """
-    from workers.faces.embedders import load_embedder
+    from workers.faces.weights import check_embedder
 
     opts = dict(cfg.storage_options)
-    spec = load_embedder(cfg.embedder).spec
+    spec = check_embedder(cfg.embedder)
     dataset.check_output(cfg.output, opts)
     listed, skipped = inputs.list_inputs(cfg.input, opts)
     storage.check_writable(cfg.output, opts)

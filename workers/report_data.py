@@ -61,7 +61,7 @@ def throughput_series(rows: Sequence[Mapping], max_bins: int = 30) -> tuple[np.n
 def run_align(output: str, run_id: str | None, crop_side: int, storage_options: dict | None):
     """The AlignConfig the run used (from its typed run record), sized to the stored crops; the default
     framing where the record is missing or unreadable (logged)."""
-    from workers.faces.align import AlignConfig
+    from workers.faces.config import AlignConfig
     from workers.runs import read_prepare_record
 
     if run_id:

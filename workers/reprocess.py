@@ -63,7 +63,7 @@ class ReembedConfig:
     shared_fs: bool = False
 
     def __post_init__(self):
-        from workers.faces.embedders import check_precision
+        from workers.faces.config import check_precision
 
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0: by device), got {self.batch_size}")
@@ -223,13 +223,13 @@ def run_reembed(cfg: ReembedConfig, log=print, lease=None) -> dict:
         storage.StorageError: no dataset at the root, not writable, or in use by another run.
         ValueError: unknown or broken embedder, bad table name, a setting the cluster cannot run.
     """
-    from workers.faces.embedders import load_embedder
+    from workers.faces.weights import check_embedder
     from workers.lease import take_lease
 
     t0 = time.time()
     opts = dict(cfg.storage_options)
     run_id = cfg.run_id or new_run_id()
-    spec = load_embedder(cfg.embedder).spec  # fail fast on an unknown or broken embedder
+    spec = check_embedder(cfg.embedder)  # fail fast on an unknown or broken embedder
     name = cfg.name or spec.name
     eroot = dataset.embeddings_uri(cfg.root, name)
     dataset.require_dataset(cfg.root, opts)

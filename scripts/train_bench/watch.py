@@ -26,8 +26,9 @@ def _stat(pid: int) -> tuple[int, int] | None:
 class TreeWatcher(threading.Thread):
     """Samples the process tree under ``root_pid`` and the metrics file every ``interval`` seconds.
 
-    ``procs[pid]``: start time, first cmdline, ``ray::`` titles seen, peak VmHWM and RssAnon (bytes); a process
-    stays watched after its parent exits. ``rows_seen[n]``: seconds after ``t0`` when the metrics file first
+    ``procs[pid]``: start time, first cmdline, ``ray::`` titles seen, peak VmHWM and RssAnon (bytes), and
+    ``timeline``: (seconds after ``t0``, VmRSS MiB) about once a second; a process stays watched after its
+    parent exits. ``rows_seen[n]``: seconds after ``t0`` when the metrics file first
     held ``n`` rows.
     """
 
@@ -67,11 +68,14 @@ class TreeWatcher(threading.Thread):
             except (OSError, ValueError):
                 continue
             info = self.procs.setdefault(pid, {"start": stats[pid][1], "cmd": title[:100], "titles": set(),
-                                               "hwm": 0, "anon": 0})
+                                               "hwm": 0, "anon": 0, "timeline": []})
             if title.startswith("ray::"):
                 info["titles"].add(title.strip()[:80])
             for key, field in (("hwm", "VmHWM"), ("anon", "RssAnon")):
                 info[key] = max(info[key], int(status.get(field, "0 kB").split()[0]) * 1024)
+            now = round(time.monotonic() - self.t0, 1)
+            if not info["timeline"] or now - info["timeline"][-1][0] >= 1.0:
+                info["timeline"].append((now, int(status.get("VmRSS", "0 kB").split()[0]) // 1024))
         try:
             rows = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
         except FileNotFoundError:
@@ -132,7 +136,9 @@ def train_run(cfg: BenchConfig, label: str, planned: dict, log=print) -> dict:
                      key=lambda i: -i["hwm"])
     loop_start, seen = watch.rows_seen.get(1), watch.rows_seen
     procs = sorted(({"pid": p, "peak_rss": i["hwm"], "peak_anon": i["anon"], "cmd": i["cmd"],
-                     "titles": sorted(i["titles"])} for p, i in watch.procs.items()), key=lambda d: -d["peak_rss"])
+                     "titles": sorted(i["titles"]),
+                     **({"rss_timeline_mib": i["timeline"]} if any("RayTrainWorker" in t for t in i["titles"]) else {})}
+                    for p, i in watch.procs.items()), key=lambda d: -d["peak_rss"])
     if rc != 0:
         log(f"  jobs.train exited {rc}; last lines of {out / 'train.log'}:\n"
             + "\n".join((out / "train.log").read_text().splitlines()[-15:]))

@@ -5,50 +5,11 @@ Coordinates are OpenCV's pixel centres (pixel (r, c) at x=c, y=r), as in ``cv2.w
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
+from workers.faces.config import ARCFACE_TEMPLATE_112, AlignConfig  # noqa: F401 - their home is config
 from workers.faces.resample import sample_patches
-
-# The 5-point template of ArcFace / InsightFace (and OpenCV's SFace), for 112x112 crops:
-# left eye, right eye, nose tip, left mouth corner, right mouth corner.
-ARCFACE_TEMPLATE_112 = (
-    (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
-
-
-@dataclasses.dataclass(frozen=True)
-class AlignConfig:
-    """Aligned crop geometry.
-
-    Attributes:
-        size: output side in pixels (the ArcFace template is defined at 112 and scaled to this size).
-        margin: extra fraction of the side added around the template on every edge (0: ArcFace framing);
-            the output stays ``size`` pixels, so the face shrinks by 1 / (1 + 2 * margin).
-        template: 5 (x, y) points at 112 x 112.
-    """
-
-    size: int = 112
-    margin: float = 0.0
-    template: tuple[tuple[float, float], ...] = ARCFACE_TEMPLATE_112
-
-    def __post_init__(self):
-        if self.size < 8:
-            raise ValueError(f"size must be >= 8 pixels, got {self.size}")
-        if not 0 <= self.margin < 1:
-            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
-        if len(self.template) != 5:
-            raise ValueError(f"template must have 5 points, got {len(self.template)}")
-
-    def points(self) -> torch.Tensor:
-        """Template points float32[5, 2] in output pixels for this size and margin."""
-        t = torch.tensor(self.template, dtype=torch.float32)
-        # Scale about pixel edges: centre coordinate c maps to (c + 0.5) * k - 0.5.
-        k = self.size / 112.0 / (1 + 2 * self.margin)
-        offset = (self.size - 112.0 * k) / 2
-        return (t + 0.5) * k - 0.5 + offset
-
 
 def umeyama(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity transforms (rotation, uniform scale, translation), batched.

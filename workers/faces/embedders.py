@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.faces.config import check_precision
 from workers.faces.sface import (ARCHITECTURES, SFACE_INPUT_SIZE, SFace, cached_onnx_state_dict, fold_batchnorm, freeze_layers,
                                  sface_state_dict_from_onnx)
 from workers.faces.weights import EMBEDDERS, ModelSpec, resolve
@@ -39,14 +40,6 @@ def default_embed_batch(device: torch.device | str) -> int:
     """Faces per embedder forward pass when the caller says 0: 256 on CUDA; 8 on CPU, where a batch's
     activations then stay in cache (SFace fp32 on 2 cores: 9 ms/face at 8, 26.5 ms/face at 256)."""
     return 256 if torch.device(device).type == "cuda" else 8
-
-
-def check_precision(precision: str, device: torch.device | str | None = None) -> None:
-    """Raise ValueError unless ``precision`` is known (and, with ``device``, usable there)."""
-    if precision not in EMBED_PRECISIONS:
-        raise ValueError(f"embed precision must be one of {sorted(EMBED_PRECISIONS)}, got {precision!r}")
-    if precision == "float16" and device is not None and torch.device(device).type != "cuda":
-        raise ValueError("embed precision float16 needs CUDA; use bfloat16 on CPU")
 
 
 def precision_autocast(device: torch.device | str, precision: str = "float32"):

@@ -8,37 +8,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from workers.faces.align import AlignConfig, align_faces
-from workers.faces.embedders import check_precision, embed_crops
-from workers.faces.mtcnn import MTCNN, MTCNNConfig
+from workers.faces.align import align_faces
+from workers.faces.config import AlignConfig, EngineConfig, MTCNNConfig, check_precision  # noqa: F401 - re-exported
+from workers.faces.embedders import embed_crops
+from workers.faces.mtcnn import MTCNN
 from workers.faces.profile import NO_TIMER, StageTimer
 from workers.faces.resample import pad_images
 from workers.faces.sface import fold_batchnorm
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Settings of the whole face stage.
-
-    Attributes:
-        mtcnn: detection settings.
-        align: aligned crop geometry (must match the embedder's input size).
-        embed_batch_size: faces per embedder forward pass; 0 = by device (``default_embed_batch``: small
-            batches on CPU, where they stay in cache and run ~3x faster per face, large ones on CUDA).
-        embed_precision: "float32" (default), "bfloat16" (autocast; CPU with AVX512-BF16/AMX or GPU) or
-            "float16" (autocast, CUDA only). Reduced precision changes embeddings slightly (measured on
-            LFW in docs/performance.md); outputs are float32 either way.
-    """
-
-    mtcnn: MTCNNConfig = MTCNNConfig()
-    align: AlignConfig = AlignConfig()
-    embed_batch_size: int = 0
-    embed_precision: str = "float32"
-
-    def __post_init__(self):
-        check_precision(self.embed_precision)
-        if self.embed_batch_size < 0:
-            raise ValueError(f"embed_batch_size must be >= 0 (0: by device), got {self.embed_batch_size}")
 
 
 @dataclasses.dataclass

@@ -9,11 +9,11 @@ The nets and their weights live in :mod:`workers.faces.mtcnn_nets`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from workers.faces.config import MTCNNConfig
 from workers.faces.mtcnn_nets import ONet, PNet, RNet, keras_to_state_dict, load_mtcnn_nets, max_pool_2x2_ceil
 from workers.faces.nms import batched_nms
 from workers.faces.profile import NO_TIMER, StageTimer
@@ -21,55 +21,6 @@ from workers.faces.resample import box_to_affine, pad_images, patch_canvas, resi
 
 __all__ = ["MTCNN", "MTCNNConfig", "Detections", "pyramid_scales", "default_stage1_pixels", "default_crop_chunk",
            "PNet", "RNet", "ONet", "keras_to_state_dict", "load_mtcnn_nets", "max_pool_2x2_ceil"]
-
-
-@dataclasses.dataclass(frozen=True)
-class MTCNNConfig:
-    """Detection settings.
-
-    Attributes:
-        min_face_size: smallest face side searched, in pixels (sets the first pyramid scale 12 / size).
-        thresholds: face-probability thresholds of P-Net, R-Net and O-Net.
-        factor: scale ratio between pyramid levels.
-        nms_thresholds: IoU thresholds of NMS inside each pyramid level, over all P-Net boxes, after
-            R-Net, and after O-Net (the last uses intersection over the smaller box).
-        select: "all" faces, only the "largest", or only the one nearest the image "center".
-        max_faces: keep at most this many faces per image, best first (0: no limit).
-        crop_supersample: bilinear samples per axis averaged into each R-Net/O-Net input pixel.
-        max_candidates_per_level: P-Net candidates kept per image and level before NMS (by score).
-        stage1_pixels: P-Net pyramid run over groups of images of at most this many padded pixels;
-            0 = by device (:func:`default_stage1_pixels`).
-        crop_chunk: R-Net / O-Net inputs cut and scored per chunk of this many boxes (bounds memory);
-            0 = by device (:func:`default_crop_chunk`).
-        channels_last: run the nets in NHWC memory layout (2-3x faster on CPU, same numbers).
-    """
-
-    min_face_size: int = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    factor: float = 0.709
-    nms_thresholds: tuple[float, float, float, float] = (0.5, 0.7, 0.7, 0.7)
-    select: Literal["all", "largest", "center"] = "all"
-    max_faces: int = 0
-    crop_supersample: int = 2
-    max_candidates_per_level: int = 2000
-    stage1_pixels: int = 0
-    crop_chunk: int = 0
-    channels_last: bool = True
-
-    def __post_init__(self):
-        if self.min_face_size < 12:
-            raise ValueError(f"min_face_size must be >= 12 pixels, got {self.min_face_size}")
-        if not 0 < self.factor < 1:
-            raise ValueError(f"factor must be in (0, 1), got {self.factor}")
-        if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
-            raise ValueError(f"thresholds must be 3 values in [0, 1], got {self.thresholds}")
-        if self.select not in ("all", "largest", "center"):
-            raise ValueError(f"select must be 'all', 'largest' or 'center', got {self.select!r}")
-        if self.max_faces < 0:
-            raise ValueError(f"max_faces must be >= 0 (0: no limit), got {self.max_faces}")
-        if self.crop_chunk < 0 or self.stage1_pixels < 0:
-            raise ValueError(f"crop_chunk and stage1_pixels must be >= 0 (0: by device), "
-                             f"got {self.crop_chunk} and {self.stage1_pixels}")
 
 
 def default_stage1_pixels(device: torch.device | str) -> int:

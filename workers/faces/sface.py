@@ -16,8 +16,10 @@ be fine-tuned. Layout of the graph (checked against the nodes' attributes by ``t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -130,15 +132,12 @@ class SFace(nn.Module):
             raise ValueError(f"SFace input must be [N, 3, 112, 112], got {tuple(x.shape)}")
         x = (x - self.mean) / self.std
         if self.checkpoint_segments and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint_sequential
-
             # Activation checkpointing: only segment boundaries are kept, the rest is recomputed in the
             # backward pass (less memory, ~1/3 more compute). Frozen leading blocks need no recompute.
             frozen = max(0, self.frozen_stages - 1)
             x, trained = self.blocks[:frozen](self.stem(x)), self.blocks[frozen:]
-            if len(trained):
-                x = checkpoint_sequential(trained, min(self.checkpoint_segments, len(trained)), x,
-                                          use_reentrant=False)
+            for segment in _segments(trained, self.checkpoint_segments):
+                x = checkpoint_keeping_bn_stats(segment, x)
             return self.head(x)
         return self.head(self.blocks(self.stem(x)))
 
@@ -148,6 +147,43 @@ class SFace(nn.Module):
         for stage in self.stages[:self.frozen_stages]:
             stage.train(False)
         return self
+
+
+def _segments(blocks: nn.Sequential, n: int) -> list[nn.Sequential]:
+    """``blocks`` cut into at most ``n`` consecutive runs of near-equal length (none empty)."""
+    n = max(1, min(n, len(blocks)))
+    bounds = [round(i * len(blocks) / n) for i in range(n + 1)]
+    return [blocks[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@contextlib.contextmanager
+def _bn_statistics_untouched(module: nn.Module):
+    """BatchNorm layers of ``module`` still normalise with the batch's statistics (train mode) but leave
+    their running statistics and batch counters as they were: momentum 0, counters restored."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def checkpoint_keeping_bn_stats(segment: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``segment(x)`` with activation checkpointing (non-reentrant) that is exact with BatchNorm in train mode.
+
+    The backward pass runs the segment a second time; plain checkpointing would then move every BatchNorm's
+    running statistics twice per step. Here the recomputation normalises with the same batch statistics
+    (so the same activations and gradients) but leaves the running statistics alone.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(segment, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _bn_statistics_untouched(segment)))
 
 
 def freeze_layers(module: SFace, n_stages: int) -> SFace:
@@ -298,10 +334,44 @@ def sface_state_dict_from_onnx(path: str | os.PathLike) -> dict[str, torch.Tenso
     return state
 
 
+#: Version of the ONNX -> state_dict conversion; bump it when the conversion changes (older cached
+#: conversions are then ignored).
+CONVERSION_VERSION = 1
+
+
 @functools.lru_cache(maxsize=4)
 def cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
-    """Per-process cache of :func:`sface_state_dict_from_onnx`; callers must copy, never mutate."""
-    return sface_state_dict_from_onnx(path)
+    """:func:`sface_state_dict_from_onnx` once per machine; callers must copy, never mutate.
+
+    Kept per process, and as a torch file in the per-user weights cache (``weights.cache_dir()``) keyed by
+    the ONNX file's path, size, mtime and :data:`CONVERSION_VERSION`: every actor, trainer and evaluation
+    process after the first loads it in ~30 ms instead of importing onnx and dequantising (1.75 s here).
+    A cached file that cannot be read or does not match :class:`SFace` key for key and shape for shape is
+    converted again; a cache that cannot be written is skipped.
+    """
+    from workers.faces.weights import cache_dir
+
+    size = os.stat(path).st_size
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{mtime_ns}|{CONVERSION_VERSION}".encode()).hexdigest()[:20]
+    cached = cache_dir() / "sface" / f"{key}.pt"
+    reference = SFace().state_dict()
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+        if (isinstance(state, dict) and state.keys() == reference.keys()
+                and all(isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in reference.items())):
+            return state
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign: convert again
+        pass
+    state = sface_state_dict_from_onnx(path)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, cached)
+    except (OSError, RuntimeError):  # read-only or full disk: run without the cache
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # our own partial file, if any
+    return state
 
 
 ARCHITECTURES: dict[str, type[SFace]] = {"sface": SFace}   # spec.kind -> module class

@@ -65,6 +65,26 @@ class WeightsNotFound(FileNotFoundError):
     """A model's weights file cannot be found (package not installed, path missing)."""
 
 
+def check_embedder(name_or_path: str) -> ModelSpec:
+    """The spec of the embedder a run will load, checked before any work.
+
+    A registry model is not loaded (its weights are a package's data file; loading takes torch and ~1.5 s
+    the driver does not need): its file must be present. An exported directory is loaded whole, since
+    its weights are the user's and may be truncated or mismatched.
+
+    Raises:
+        WeightsNotFound: a registry model's package or file is missing.
+        ValueError: unknown name, or an unreadable directory (see ``workers.faces.embedders.load_embedder``).
+    """
+    if name_or_path in EMBEDDERS:
+        spec = EMBEDDERS[name_or_path]
+        resolve(spec.weights)
+        return spec
+    from workers.faces.embedders import load_embedder
+
+    return load_embedder(name_or_path).spec
+
+
 def resolve(uri: str) -> Path:
     """Return a local path holding the weights named by ``uri``.
 
@@ -96,11 +116,27 @@ def resolve(uri: str) -> Path:
     return _cache_remote(uri)
 
 
+def cache_dir() -> Path:
+    """The per-user folder facemill caches weights in: ``$FACEMILL_CACHE``, else ``$XDG_CACHE_HOME/facemill``
+    (``~/.cache/facemill``), else (no writable home) ``<tmp>/facemill-cache-<uid>``. Only facemill writes
+    there, each file atomically; deleting the folder is always safe."""
+    if os.environ.get("FACEMILL_CACHE"):
+        return Path(os.environ["FACEMILL_CACHE"])
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "facemill"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"facemill-cache-{os.getuid()}"
+
+
 def _cache_remote(uri: str) -> Path:
     """Copy a remote file or folder (fsspec) once into a per-user cache, atomically."""
     import fsspec
 
-    cache = Path(os.environ.get("FACEMILL_CACHE", Path(tempfile.gettempdir()) / "facemill-cache"))
+    cache = cache_dir()
     dest = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri.rstrip("/")).name
     if dest.exists():
         return dest

@@ -286,7 +286,7 @@ def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray
     return order, labels
 
 
-def _scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
+def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
                 batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """The face rows of ``names`` (row rules of :func:`_read_faces`), one record batch at a time.
 
@@ -353,7 +353,7 @@ def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
     names = [identities[i] for i in wanted.tolist()]
     buffer = bytearray()
     lengths, keys = [], {S.IMAGE_ID: [], S.FACE_INDEX: [], S.IDENTITY: []}
-    for batch in _scan_faces(cfg, names, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]):
+    for batch in scan_faces(cfg, names, [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]):
         view, sizes = _binary_parts(batch.column(S.CROP))
         buffer += view
         lengths.append(sizes)
