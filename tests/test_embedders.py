@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,9 +343,14 @@ def test_dequantised_sface_is_cached_on_disk(onnx_path, tmp_path, monkeypatch):
     monkeypatch.setattr(sface_net, "sface_state_dict_from_onnx", lambda p: calls.append(p) or real(p))
     convert = sface_net.cached_onnx_state_dict.__wrapped__      # past the per-process memo: a new process
     mtime = onnx_path.stat().st_mtime_ns
+    (tmp_path / "cache" / "sface").mkdir(parents=True)
+    killed = tmp_path / "cache" / "sface" / ".partial-0123abcd.99.pt"  # what a killed writer left, 2 h ago
+    killed.write_bytes(b"half")
+    os.utime(killed, (time.time() - 7200,) * 2)
     first = convert(str(onnx_path), mtime)
+    assert not killed.exists()
     (cached,) = (tmp_path / "cache" / "sface").glob("*.pt")
-    assert len(calls) == 1 and not list(cached.parent.glob(".*tmp"))
+    assert len(calls) == 1 and not list(cached.parent.glob(".partial-*"))
     again = convert(str(onnx_path), mtime)
     assert len(calls) == 1 and again.keys() == first.keys()
     assert all(torch.equal(again[k], first[k]) for k in first)

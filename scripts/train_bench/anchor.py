@@ -34,6 +34,7 @@ def _anchor(cfg: BenchConfig, log) -> dict:
     from workers.faces.embedders import load_embedder
     from workers.training.config import TrainConfig
     from workers.training.data import load_faces
+    from workers.training.head import restrict, to_local
     from workers.training.losses import CombinedLoss
     from workers.training.step import FaceTrainNet, TrainStep, step_generator
     from workers.training.stream import Batch, open_worker_shard, prefetch_batches
@@ -55,16 +56,18 @@ def _anchor(cfg: BenchConfig, log) -> dict:
     threads = min(max(1, DECODE_THREADS[0]), DECODE_THREADS[1])     # worker.py's count at cpus_per_worker 1
     backbone, tc = load_embedder("sface").module, TrainConfig(data=data, output="")
 
-    def timed(batches) -> float:   # a fresh TrainStep (as a new run), the worker's schedule and generators
+    def timed(batches) -> float:   # a fresh TrainStep (as a new run), the worker's head, schedule and generators
         torch.manual_seed(cfg.seed)
-        net = FaceTrainNet(copy.deepcopy(backbone), CombinedLoss(len(split.train), backbone.embedding_dim, tc.loss))
+        head = restrict(CombinedLoss(len(split.train), backbone.embedding_dim, tc.loss), shard.identities)
+        net = FaceTrainNet(copy.deepcopy(backbone), head)
         step_fn = TrainStep(net, torch.device("cpu"), lr=tc.lr, head_lr_multiplier=tc.head_lr_multiplier,
                             weight_decay=tc.weight_decay, total_epochs=1, warmup_epochs=tc.warmup_epochs,
                             min_lr_ratio=tc.min_lr_ratio, grad_clip=tc.grad_clip)
         step_fn.train()
         t0 = time.perf_counter()
         for b in batches:
-            step_fn(b.crops, b.labels, (b.step + 1) / steps, step_generator(cfg.seed, 0, b.step, 0))
+            step_fn(b.crops, to_local(shard.identities, b.labels), (b.step + 1) / steps,
+                    step_generator(cfg.seed, 0, b.step, 0))
         return time.perf_counter() - t0
 
     def streaming(n: int):

@@ -347,9 +347,10 @@ def cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
     the ONNX file's path, size, mtime and :data:`CONVERSION_VERSION`: every actor, trainer and evaluation
     process after the first loads it in ~30 ms instead of importing onnx and dequantising (1.75 s here).
     A cached file that cannot be read or does not match :class:`SFace` key for key and shape for shape is
-    converted again; a cache that cannot be written is skipped.
+    converted again; a cache that cannot be written is skipped. The file is written as a ``.partial-`` file and
+    renamed into place; partial files a killed process left there over an hour ago are removed first.
     """
-    from workers.faces.weights import cache_dir
+    from workers.faces.weights import PARTIAL_PREFIX, cache_dir, sweep_partials
 
     size = os.stat(path).st_size
     key = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{mtime_ns}|{CONVERSION_VERSION}".encode()).hexdigest()[:20]
@@ -363,9 +364,10 @@ def cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - absent, truncated or foreign: convert again
         pass
     state = sface_state_dict_from_onnx(path)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    tmp = cached.with_name(f"{PARTIAL_PREFIX}{cached.stem}.{os.getpid()}.pt")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(cached.parent)   # leftovers of killed processes
         torch.save(state, tmp)
         os.replace(tmp, cached)
     except (OSError, RuntimeError):  # read-only or full disk: run without the cache

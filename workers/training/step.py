@@ -3,8 +3,8 @@
 A step takes a P x K batch of decoded crops (already augmented by the data threads), flips each image
 left-right with probability 1/2, runs backbone + :class:`CombinedLoss` (classifier head and centers live in
 one module, :class:`FaceTrainNet`, so that DDP syncs both), adds the distillation term when it is on, clips
-gradients, steps AdamW under the warm-up + cosine schedule, then moves the loss centers (sums all-reduced
-across workers when a reducer is given). Mixed precision (``torch.autocast``) is used on CUDA only.
+gradients, steps AdamW under the warm-up + cosine schedule, then moves the loss centers (the head holds the
+worker's own identities, whose centers only its batches move: :mod:`workers.training.head`). Mixed precision (``torch.autocast``) is used on CUDA only.
 
 Distillation (``distill_weight`` > 0): the frozen starting model ``f0`` embeds the un-augmented crop, flipped
 like the augmented one, and the step adds ``distill_weight * mean(1 - cos(f(augmented), f0(clean)))``: the
@@ -14,7 +14,6 @@ space (what the base model already does well) is kept while the degraded one is 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -135,8 +134,8 @@ class TrainStep:
         distill_weight: weight of :func:`distill_loss` against ``teacher`` (0: off, no teacher kept).
         teacher: the frozen starting model, on ``device`` (:func:`frozen_teacher`); needed when distilling.
         freeze_bn: keep the BatchNorm statistics fixed while training.
-        model: what the forward pass goes through (``net`` itself, or a DDP wrapper of it).
-        all_reduce: sums a tensor over workers in place (``torch.distributed.all_reduce``), or None alone.
+        model: what the forward pass goes through (``net`` itself, or a ``FaceTrainNet`` of a DDP-wrapped backbone
+            and ``net.loss``).
         precision: autocast dtype of the forward pass, a key of :data:`PRECISIONS`: ``auto`` is bfloat16 (or
             float16 with a grad scaler) on CUDA and float32 on CPU; ``bfloat16`` also runs on CPUs (about 2x
             faster where they have AVX512-BF16 / AMX); weights and optimizer stay float32.
@@ -146,13 +145,12 @@ class TrainStep:
                  weight_decay: float = 5e-4, total_epochs: float = 1.0, warmup_epochs: float = 0.0,
                  min_lr_ratio: float = 0.01, grad_clip: float = 0.0, distill_weight: float = 0.0,
                  teacher: nn.Module | None = None, freeze_bn: bool = False, model: nn.Module | None = None,
-                 all_reduce: Callable[[torch.Tensor], Any] | None = None, precision: str = "auto") -> None:
+                 precision: str = "auto") -> None:
         if distill_weight > 0 and teacher is None:
             raise ValueError("distill_weight > 0 needs the frozen starting model as teacher")
         self.net, self.model, self.device = net, model if model is not None else net, device
         self.grad_clip, self.distill_weight, self.freeze_bn = grad_clip, distill_weight, freeze_bn
         self.teacher = teacher if distill_weight > 0 else None
-        self.all_reduce = all_reduce
         self.optimizer = torch.optim.AdamW(param_groups(net, lr, head_lr_multiplier, weight_decay))
         self.scheduler = WarmupCosine(self.optimizer, total_epochs, warmup_epochs, min_lr_ratio)
         self.amp_dtype = autocast_dtype(precision, device)
@@ -205,7 +203,7 @@ class TrainStep:
                                            self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.net.loss.update_centers(features.detach().float(), target, self.all_reduce)
+        self.net.loss.update_centers(features.detach().float(), target)
         return {**parts, "lr_factor": lr_factor}
 
     def state_dict(self) -> dict[str, Any]:

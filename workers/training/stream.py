@@ -5,8 +5,8 @@ count of each training identity), reads only its own identities' rows (a pushed-
 columns) and keeps their crops as the stored JPEG bytes, packed into one buffer, about 5 kB per face
 instead of 37.6 kB decoded.
 Each step's P x K batch comes from the worker's own identities, so the identities of one step are disjoint
-across workers by construction; labels stay indices into ``split.train`` (the classifier head is over all
-training identities). :func:`prefetch_batches` decodes (``cv2.imdecode`` releases the GIL) and transforms
+across workers by construction; labels stay indices into ``split.train`` (the worker's loss head holds the rows
+of its own identities only, :mod:`workers.training.head`). :func:`prefetch_batches` decodes (``cv2.imdecode`` releases the GIL) and transforms
 the next batches in a small thread pool while the current step computes.
 
 Schedule:
@@ -21,7 +21,8 @@ Resuming on another number of workers W' (e.g. 2 -> 1): the shards, the steps pe
 after the checkpoint differ from what W workers would have drawn (W' shards of the same identities). What
 continues is everything in the checkpoint: the epoch counter (the run goes on at the checkpoint's epoch),
 the learning-rate schedule (a function of fractional epochs, not of steps), the weights, the classifier
-head and centers (labels are global, W-independent), AdamW and the grad scaler, and the chief's probe
+head and centers (checkpointed as full C-row tables, each worker takes its new identities' rows), AdamW and
+the grad scaler, and the chief's probe
 identities (:func:`probe_identities` of the first run, kept in the checkpoint) so that the probe batch and,
 with the seed, the held-out pairs stay the same and their metrics comparable.
 

@@ -3,7 +3,8 @@ and the checkpoints.
 
 Every worker holds only its own identity shard, as stored JPEG bytes, and per step takes its own P x K batch
 of it, decoded and augmented ahead of the step in background threads (:mod:`workers.training.stream`), then
-runs :class:`workers.training.step.TrainStep` (DDP over NCCL on GPU, gloo on CPU). After each epoch rank 0
+runs :class:`workers.training.step.TrainStep` (the backbone in DDP over NCCL on GPU, gloo on CPU; the loss head
+holds the worker's own identities only, :mod:`workers.training.head`). After each epoch rank 0
 measures the loss on a fixed probe batch and the verification on held-out pairs per domain
 (:mod:`workers.training.heldout`), appends a row to ``metrics.jsonl`` and reports a checkpoint
 (``epoch_NNNN/train_state.pt``).
@@ -12,7 +13,7 @@ A metrics row (epoch N >= 1): ``loss`` ``softmax`` ``accuracy`` ``center`` ``tri
 unweighted, mean per step over all workers), ``num_triplets`` (mined per worker-step), ``fraction_active``,
 ``lr`` (backbone lr at the epoch's last step), ``samples``, ``train_time_s``, ``samples_per_s`` (all workers,
 training steps only), ``epoch_time_s`` (with evaluation), ``probe_*`` (loss parts on the fixed probe batch,
-eval mode) and ``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``, ``val_std``, ``far`` at
+eval mode; its softmax is over the probe's P identities, so it does not depend on the number of workers) and ``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``, ``val_std``, ``far`` at
 ``far_target``; ``heldout_<domain>_*`` for each ``heldout_degrade`` domain). Row 0 holds the ``probe_*`` /
 ``heldout_*`` values of the starting weights.
 """
@@ -35,6 +36,7 @@ from workers.training.augment import augment_batch
 from workers.training.checkpoint import load_checkpoint_state, save_checkpoint_state
 from workers.training.config import METRICS_FILE, TrainConfig
 from workers.training.data import IdentitySplit
+from workers.training.head import full_state, gather_rows, head_param_indices, local_state, restrict, to_local
 from workers.training.losses import CombinedLoss
 from workers.training.step import FaceTrainNet, TrainStep, frozen_teacher, step_generator, to_images
 from workers.training.stream import open_worker_shard, prefetch_batches, probe_batch, probe_identities
@@ -82,12 +84,16 @@ class ChiefEvaluator:
         self.cfg, self.spec, self.device = cfg, spec, device
         crops, labels = probe_batch(cfg.data, split, probe["identities"], probe["images_per_person"])
         self.probe_images = to_images(crops, device)
-        self.probe_labels = torch.from_numpy(labels).to(device)
+        self.probe_labels = torch.from_numpy(to_local(np.unique(probe["identities"]), labels)).to(device)
         self.heldout_set = H.load_heldout(cfg.data, split, cfg.heldout_folds, cfg.heldout_pairs_per_fold)
 
     @torch.no_grad()
-    def probe(self, net: FaceTrainNet) -> dict[str, float]:
+    def probe(self, net: FaceTrainNet, head: CombinedLoss) -> dict[str, float]:
         """Loss parts on the fixed probe batch, eval mode (no dropout, frozen BN statistics).
+
+        Args:
+            net: the backbone to measure (its own loss head is not used).
+            head: the rows of the probe's identities, in ascending label order (:func:`gather_rows`).
 
         The backbone runs in passes of ``default_embed_batch`` (8 on CPU: one pass over 64 crops raised the chief's
         RSS by 607 MiB; the same features, eval mode being per image), the loss on the whole batch."""
@@ -96,7 +102,7 @@ class ChiefEvaluator:
         try:
             passes = self.probe_images.split(default_embed_batch(self.device))
             features = torch.cat([net.backbone(images) for images in passes])
-            _, parts = net.loss(features, self.probe_labels, step_generator(self.cfg.data.seed, 2**31))
+            _, parts = head.to(self.device)(features, self.probe_labels, step_generator(self.cfg.data.seed, 2**31))
         finally:
             net.train(was_training)
         return {("loss" if k == "total" else k): round(float(v), 6) for k, v in parts.items()}
@@ -178,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
         tune_malloc(mmap_threshold_mb=cfg.malloc_mmap_threshold_mb)
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     all_reduce = dist.all_reduce if distributed else None
+    reduce = (lambda tensor: dist.reduce(tensor, dst=0)) if distributed else None
     is_chief = rank == 0
 
     shard = open_worker_shard(cfg.data, split, world, rank, cfg.people_per_batch, cfg.images_per_person,
@@ -195,21 +202,25 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"--init {cfg.init!r} is a {type(backbone).__name__}, fine-tuning needs an SFace")
     teacher = frozen_teacher(backbone).to(device) if cfg.distill_weight > 0 else None
     backbone.checkpoint_segments = ACTIVATION_SEGMENTS if cfg.checkpoint_activations else 0
-    torch.manual_seed(cfg.data.seed)  # the same classifier init on every worker (DDP broadcasts rank 0's anyway)
-    net = FaceTrainNet(backbone, CombinedLoss(len(split.train), backbone.embedding_dim, cfg.loss))
+    # The head holds this worker's identities only (workers.training.head); its rows are those of one C-row head
+    # initialised from the seed, so the start does not depend on the number of workers.
+    num_classes, rows = len(split.train), shard.identities
+    torch.manual_seed(cfg.data.seed)
+    net = FaceTrainNet(backbone, restrict(CombinedLoss(num_classes, backbone.embedding_dim, cfg.loss), rows))
     freeze_layers(backbone, cfg.freeze_stages)
     net.to(device)
     model = net
     if distributed:
-        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside them (one copy of
-        # every gradient less: 86 MiB with a 100k-identity head).
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True)
+        # Only the backbone is data-parallel. gradient_as_bucket_view: its gradients live in DDP's all-reduce buckets
+        # instead of beside them (one copy of every gradient less).
+        ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True)
+        model = FaceTrainNet(ddp, net.loss)
     step_fn = TrainStep(net, device, lr=cfg.lr, head_lr_multiplier=cfg.head_lr_multiplier,
                         weight_decay=cfg.weight_decay, total_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                         min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, distill_weight=cfg.distill_weight,
-                        teacher=teacher, freeze_bn=cfg.freeze_bn, model=model, all_reduce=all_reduce,
-                        precision=cfg.precision)
+                        teacher=teacher, freeze_bn=cfg.freeze_bn, model=model, precision=cfg.precision)
+    head_params = head_param_indices(step_fn.optimizer, net.loss)
 
     start_epoch, run_id = 0, config["run_id"]
     heldout_before = heldout_last = probe_before = probe = None
@@ -218,19 +229,30 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint_state(directory)
         _check_identities(state, split, cfg)
-        step_fn.load_state_dict(state)
+        step_fn.load_state_dict(local_state(state, rows, head_params))   # this worker's rows of the C-row tables
         start_epoch, run_id = int(state["epoch"]), state["run_id"] or run_id
         heldout_before, heldout_last = state["heldout_before"], state["heldout_last"]
         probe_before, probe = state["probe_before"], state["sampler"].get("probe")
+        del state
     if probe is None:   # a fresh run: the probe is what the chief trains on first, kept for every resume
         probe = {"identities": probe_identities(shard).tolist() if is_chief else [],
                  "images_per_person": cfg.images_per_person}
+        if distributed:   # every worker takes part in gathering the probe's head rows
+            shared = [probe]
+            dist.broadcast_object_list(shared, src=0)
+            probe = shared[0]
+    probe_ids = np.unique(np.asarray(probe["identities"], dtype=np.int64))
+
+    def probe_head() -> CombinedLoss:   # a collective: every worker calls it
+        return gather_rows(net.loss, rows, probe_ids, all_reduce)
 
     evaluator = ChiefEvaluator(cfg, split, probe, init.spec, device) if is_chief else None
     release_freed_memory()
     history = read_history(cfg, start_epoch) if is_chief else []
+    if checkpoint is None:
+        head = probe_head()
     if is_chief and checkpoint is None:
-        probe_before = evaluator.probe(net)
+        probe_before = evaluator.probe(net, head)
         heldout_before = heldout_last = evaluator.heldout(net)
         row = {"epoch": 0, "world_size": world, **_prefixed("probe_", probe_before), **H.flatten(heldout_before)}
         history = [row]
@@ -247,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
                                       depth=max(PREFETCH_BATCHES, threads),
                                       transform=augment if cfg.augment.enabled else None,
                                       keep_clean=cfg.distill_weight > 0):
-            parts = step_fn(ready.crops, ready.labels, epoch + (ready.step + 1) / steps,
+            parts = step_fn(ready.crops, to_local(rows, ready.labels), epoch + (ready.step + 1) / steps,
                             step_generator(cfg.data.seed, epoch, ready.step, rank), clean=ready.clean)
             lr_factor = parts.pop("lr_factor")
             for key, value in parts.items():
@@ -260,18 +282,22 @@ def train_loop_per_worker(config: dict) -> None:
                "samples": steps * batch * world, "train_time_s": round(train_time, 3),
                "samples_per_s": round(steps * batch * world / max(train_time, 1e-9), 2)}
         report_checkpoint = None
+        release_freed_memory()   # the steps' freed activations: the evaluation's and checkpoint's need not come on top
+        head = probe_head()
         with tempfile.TemporaryDirectory() as tmp:
             if is_chief:
-                release_freed_memory()   # the steps' freed activations: the evaluation's need not come on top
-                row.update(_prefixed("probe_", evaluator.probe(net)))
+                row.update(_prefixed("probe_", evaluator.probe(net, head)))
                 heldout_last = evaluator.heldout(net)
                 row.update(H.flatten(heldout_last))
                 row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
                 history.append(row)
                 write_history(cfg, history)
                 print(json.dumps(row), flush=True)
+            # A collective (every worker's head rows onto rank 0), after the chief's evaluation.
+            state = full_state(step_fn.state_dict(), rows, num_classes, head_params, reduce, keep=is_chief)
+            if is_chief:
                 save_checkpoint_state({
-                    "epoch": epoch + 1, **step_fn.state_dict(),
+                    "epoch": epoch + 1, **state,
                     "sampler": {"seed": cfg.data.seed, "people_per_batch": cfg.people_per_batch,
                                 "images_per_person": cfg.images_per_person, "world_size": world,
                                 "probe": probe},
@@ -280,5 +306,6 @@ def train_loop_per_worker(config: dict) -> None:
                     "heldout_before": heldout_before, "heldout_last": heldout_last,
                     "probe_before": probe_before}, tmp)
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                release_freed_memory()
+            del state
+            release_freed_memory()
             ray.train.report(row, checkpoint=report_checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
