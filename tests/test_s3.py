@@ -44,6 +44,16 @@ def test_prepare_s3_to_s3(ray_session, s3, tmp_path):
     again = run_prepare(PrepareConfig(input="s3://raw/lfw/", output="s3://faces/run1", shard_size=5,
                                       storage_options=opts), log=lambda *_: None)
     assert again["images_in"] == 0 and again["images_already_done"] == n
+    # training reads a worker's identities' crops straight from s3 (row groups holding them only)
+    from workers.training.data import DataConfig, load_encoded_faces
+
+    cfg = DataConfig(faces="s3://faces/run1", storage_options=opts)
+    names = sorted(set(images.column(S.IDENTITY).to_pylist()))[:2]
+    got = load_encoded_faces(cfg, names)
+    want = faces.to_pandas()
+    want = want[want[S.IDENTITY].isin(names) & (want[S.FACE_INDEX] == 0)].sort_values(S.IMAGE_ID)
+    assert len(got) == len(want) > 0
+    assert [got.crop(i).tobytes() for i in range(len(got))] == list(want[S.CROP])
 
 
 def test_manifest_on_s3_and_missing_bucket(ray_session, s3):

@@ -383,3 +383,39 @@ def test_bytes_held_per_face_on_prepared_lfw(prepared_lfw):
     assert held / faces < DECODED_BYTES / 4
     print(f"\nLFW subset, 2 workers: {faces} training faces, {held / faces:.0f} bytes held per face "
           f"(JPEG {sum(s.faces.crop_bytes for s in shards) / faces:.0f}), decoded would be {DECODED_BYTES}")
+
+
+def test_the_crop_column_is_read_only_from_row_groups_that_hold_a_wanted_face(tiny, tmp_path):
+    """scan_faces reads the filter's small columns first and the wide crop column only where a wanted face is:
+    here the crop column chunk of every other file is overwritten with garbage, so reading it at all fails."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    cfg, _ = tiny
+    root = tmp_path / "ds"
+    shutil.copytree(cfg.faces, root)
+    copy = DataConfig(faces=str(root), heldout_fraction=0.0, seed=5)
+    files = sorted((root / S.RECORDS).glob("*.parquet"))
+    held = {f: set(pq.read_table(f, columns=[S.IDENTITY]).column(S.IDENTITY).drop_null().to_pylist()) for f in files}
+    # An identity held by exactly one file, inside every other file's identity range (no statistics pruning).
+    name = next(n for n in sorted(COUNTS) if COUNTS[n] > 1 and sum(n in h for h in held.values()) == 1
+                and all(min(h) < n < max(h) for h in held.values() if n not in h))
+    others = [f for f in files if name not in held[f]]
+    for path in others:
+        meta = pq.ParquetFile(path).metadata
+        for group in range(meta.num_row_groups):
+            row_group = meta.row_group(group)
+            chunk = next(row_group.column(i) for i in range(row_group.num_columns)
+                         if row_group.column(i).path_in_schema == S.CROP)
+            start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+            with open(path, "r+b") as out:
+                out.seek(start)
+                out.write(b"\xff" * chunk.total_compressed_size)
+    with pytest.raises(Exception):   # the premise: reading those crops at all fails
+        dataset.read_table(str(root), S.FACES, columns=[S.IDENTITY, S.CROP])
+    got = load_encoded_faces(copy, (name,))
+    want = _stored(cfg)
+    want = want[want[S.IDENTITY] == name].sort_values(S.IMAGE_ID)
+    assert len(got) == COUNTS[name] == len(want)
+    assert [got.crop(i).tobytes() for i in range(len(got))] == list(want[S.CROP])

@@ -287,13 +287,18 @@ def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray
 
 
 def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
-                batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+               batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """The face rows of ``names`` (row rules of :func:`_read_faces`), one record batch at a time.
 
     The identity and face_index filters (``face_index >= 0``: the faces view) and the column projection are
     pushed down to the scan of the records table, as :func:`workers.dataset.read_table` does; unlike it, no
-    table of all the rows is built: a batch is dropped once the caller has taken what it needs, so at most a
-    few batches are in memory. A dataset without a records table yields nothing.
+    table of all the rows is built. The scan goes row group by row group in two passes: first the filter's own
+    (small) columns say which row groups hold a wanted row, then only those are read with ``columns``, one at
+    a time and without readahead; the Arrow pool's freed buffers go back to the OS after each. So the wide crop
+    column is read only where a wanted face is and one row group of it is in memory at a time. Measured on the
+    1M-face synthetic table (20k-row row groups): 160 faces peak at +157-198 MiB over the start instead of
+    +383, and a worker's 500k-face share reads in 13.6-16.0 s instead of 21.2 s. A dataset without a records
+    table yields nothing.
     """
     table = delta.open_table(delta.records_uri(cfg.faces), dict(cfg.storage_options))
     if table is None:
@@ -302,11 +307,15 @@ def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
     where = _with_audit(cfg, where)
-    scanner = table.to_pyarrow_dataset().scanner(
-        columns=columns, filter=where, batch_size=batch_rows, batch_readahead=2, fragment_readahead=2)
-    for batch in scanner.to_batches():
-        if batch.num_rows:
-            yield batch
+    for fragment in table.to_pyarrow_dataset().get_fragments(filter=where):
+        for group in fragment.split_by_row_group(filter=where):   # row-group statistics prune first
+            if not group.count_rows(filter=where):   # reads only the filter's columns
+                continue
+            for batch in group.to_batches(columns=columns, filter=where, batch_size=batch_rows,
+                                          batch_readahead=0, fragment_readahead=0):
+                if batch.num_rows:
+                    yield batch
+            pa.default_memory_pool().release_unused()   # the row group's buffers, back to the OS
 
 
 def _binary_parts(column: pa.Array) -> tuple[memoryview, np.ndarray]:
@@ -379,8 +388,8 @@ def load_encoded_faces(cfg: DataConfig, identities: Sequence[str],
 def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> FaceSet:
     """Read and decode the faces of ``identities`` (same row rules as :func:`read_face_index`).
 
-    Only those identities' rows are read (filters pushed down to the scan, batch by batch with
-    :func:`scan_faces`, so only matching rows are held: a table scan's readahead held ~850 MiB of other faces to
+    Only those identities' rows are read (filters pushed down to the scan, row group by row group with
+    :func:`scan_faces`, so only matching rows are held: a whole-table scan held ~850 MiB of other faces to
     pick 160 from a 1M-face table). For small sets: every face is held decoded, 37.6 kB per 112 x 112 crop.
 
     Args:
@@ -394,6 +403,7 @@ def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> Face
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]
     batches = list(scan_faces(cfg, identities, columns))
     table = pa.Table.from_batches(batches) if batches else _read_faces(cfg, identities, columns)  # none: empty
+    del batches
     order, labels = _sorted_rows(table, identities)
     crops = decode_crops(table.column(S.CROP).take(pa.array(order)))
     image_ids = table.column(S.IMAGE_ID).to_numpy(zero_copy_only=False)[order]
