@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -86,3 +87,32 @@ def test_sweep_removes_only_old_partials(tmp_path):
     assert not any(p.exists() for p in gone)
     assert all(p.exists() for p in kept)
     assert weights.sweep_partials(tmp_path / "absent") == 0
+
+
+def test_sweep_asks_the_writer_on_this_host_before_the_clock(tmp_path):
+    """A partial entry names its writer (host, pid). On this host a live writer's entry stays however old it is
+    (a download still running after an hour) and a dead writer's entry goes at once; an entry of another host
+    sharing the folder falls back to the age rule."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 2 * weights.STALE_PARTIAL_S
+
+    def make(name: str, age: float | None = None) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.pt").write_bytes(b"half")
+        if age is not None:
+            os.utime(path, (age, age))
+        return path
+
+    live = make(weights.partial_name("slow-download"), age=old)
+    gone_dead = make(weights.partial_name("x").replace(f"~{os.getpid()}~", f"~{dead.pid}~"))
+    other_fresh = make(".partial-elsewhere~1~fresh")
+    other_old = make(".partial-elsewhere~1~old", age=old)
+    assert live.name.startswith(weights.PARTIAL_PREFIX) and f"~{os.getpid()}~" in live.name
+    assert weights.sweep_partials(tmp_path) == 2
+    assert live.exists() and other_fresh.exists()
+    assert not gone_dead.exists() and not other_old.exists()

@@ -348,9 +348,9 @@ def cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
     process after the first loads it in ~30 ms instead of importing onnx and dequantising (1.75 s here).
     A cached file that cannot be read or does not match :class:`SFace` key for key and shape for shape is
     converted again; a cache that cannot be written is skipped. The file is written as a ``.partial-`` file and
-    renamed into place; partial files a killed process left there over an hour ago are removed first.
+    renamed into place; partial files of killed processes are removed first (see ``weights.sweep_partials``).
     """
-    from workers.faces.weights import PARTIAL_PREFIX, cache_dir, sweep_partials
+    from workers.faces.weights import cache_dir, partial_name, sweep_partials
 
     size = os.stat(path).st_size
     key = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{mtime_ns}|{CONVERSION_VERSION}".encode()).hexdigest()[:20]
@@ -364,7 +364,7 @@ def cached_onnx_state_dict(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - absent, truncated or foreign: convert again
         pass
     state = sface_state_dict_from_onnx(path)
-    tmp = cached.with_name(f"{PARTIAL_PREFIX}{cached.stem}.{os.getpid()}.pt")
+    tmp = cached.with_name(partial_name(cached.name))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         sweep_partials(cached.parent)   # leftovers of killed processes

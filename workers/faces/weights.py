@@ -18,14 +18,18 @@ import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 #: Name prefix of what facemill writes into :func:`cache_dir` before it is complete (renamed into place after).
 PARTIAL_PREFIX = ".partial-"
-#: A partial entry older than this is a leftover of a killed process; :func:`sweep_partials` removes it.
+#: A partial entry whose writer cannot be checked (another host, an older name) is taken for a leftover of a
+#: killed process once it is older than this; :func:`sweep_partials` removes it.
 STALE_PARTIAL_S = 3600.0
+# ``.partial-<host>~<pid>~...``: the writer of a partial entry (see :func:`partial_name`).
+_OWNER = re.compile(r"^\.partial-(?P<host>[^~]+)~(?P<pid>\d+)~")
 # Partial files of the SFace cache as the 2026-12-01 code named them (``.<key>.pt.<pid>.tmp``).
 _OLD_PARTIAL = re.compile(r"^\.[0-9a-f]{20}\.pt\.\d+\.tmp$")
 
@@ -143,11 +147,39 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"facemill-cache-{os.getuid()}"
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def partial_name(stem: str) -> str:
+    """The name this process gives what it writes into :func:`cache_dir` before it is complete:
+    ``.partial-<host>~<pid>~<stem>``, so that :func:`sweep_partials` can tell a live writer from a dead one."""
+    return f"{PARTIAL_PREFIX}{_host()}~{os.getpid()}~{stem}"
+
+
+def _writer_alive(name: str) -> bool | None:
+    """Whether the writer of partial entry ``name`` still runs: True / False for a process of this host,
+    None where that cannot be told (another host sharing the folder, a name without its writer)."""
+    owner = _OWNER.match(name)
+    if owner is None or owner["host"] != _host():
+        return None
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # a process of another user
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
 def sweep_partials(folder: Path, max_age_s: float = STALE_PARTIAL_S) -> int:
     """Remove the partial entries facemill left in ``folder`` (a :func:`cache_dir` folder) when a process was killed
-    mid-write: names starting with :data:`PARTIAL_PREFIX` (or the older SFace-cache partial pattern) whose last
-    change is more than ``max_age_s`` ago. Nothing else is touched; errors are ignored (another process may be
-    sweeping). Returns how many were removed."""
+    mid-write: names starting with :data:`PARTIAL_PREFIX` (or the older SFace-cache partial pattern). An entry of
+    a writer on this host goes when that process is gone and stays, however old, while it runs (a slow download);
+    an entry whose writer cannot be checked goes once its last change is more than ``max_age_s`` ago. Nothing
+    else is touched; errors are ignored (another process may be sweeping). Returns how many were removed."""
     removed, now = 0, time.time()
     try:
         entries = list(os.scandir(folder))
@@ -157,7 +189,8 @@ def sweep_partials(folder: Path, max_age_s: float = STALE_PARTIAL_S) -> int:
         if not (entry.name.startswith(PARTIAL_PREFIX) or _OLD_PARTIAL.match(entry.name)):
             continue
         try:
-            if now - entry.stat(follow_symlinks=False).st_mtime <= max_age_s:
+            alive = _writer_alive(entry.name)
+            if alive or (alive is None and now - entry.stat(follow_symlinks=False).st_mtime <= max_age_s):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
@@ -195,7 +228,7 @@ def _cache_remote(uri: str) -> Path:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     sweep_partials(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=partial_name(""), dir=cache))
     try:
         fs.get(path, str(tmp / dest.name), recursive=fs.isdir(path))
         dest.parent.mkdir(parents=True, exist_ok=True)
