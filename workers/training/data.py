@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 import schemas as S
 from workers import dataset, delta
@@ -307,12 +308,14 @@ def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
     where = _with_audit(cfg, where)
-    for fragment in table.to_pyarrow_dataset().get_fragments(filter=where):
+    whole = table.to_pyarrow_dataset()
+    for fragment in whole.get_fragments(filter=where):
         for group in fragment.split_by_row_group(filter=where):   # row-group statistics prune first
-            if not group.count_rows(filter=where):   # reads only the filter's columns
-                continue
-            for batch in group.to_batches(columns=columns, filter=where, batch_size=batch_rows,
-                                          batch_readahead=0, fragment_readahead=0):
+            # the table's schema, not the file's: a file written before a column was added still reads
+            if not pads.Scanner.from_fragment(group, schema=whole.schema, columns=[], filter=where).count_rows():
+                continue   # counted from the filter's columns only
+            for batch in pads.Scanner.from_fragment(group, schema=whole.schema, columns=columns, filter=where,
+                                                    batch_size=batch_rows, batch_readahead=0).to_batches():
                 if batch.num_rows:
                     yield batch
             pa.default_memory_pool().release_unused()   # the row group's buffers, back to the OS
