@@ -311,7 +311,7 @@ def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     whole = table.to_pyarrow_dataset()
     for fragment in whole.get_fragments(filter=where):
         for group in fragment.split_by_row_group(filter=where):   # row-group statistics prune first
-            # the table's schema, not the file's: a file written before a column was added still reads
+            # scanned with the table's schema, as the whole-table scan was, not with each file's own
             if not pads.Scanner.from_fragment(group, schema=whole.schema, columns=[], filter=where).count_rows():
                 continue   # counted from the filter's columns only
             for batch in pads.Scanner.from_fragment(group, schema=whole.schema, columns=columns, filter=where,
@@ -406,7 +406,6 @@ def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> Face
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]
     batches = list(scan_faces(cfg, identities, columns))
     table = pa.Table.from_batches(batches) if batches else _read_faces(cfg, identities, columns)  # none: empty
-    del batches
     order, labels = _sorted_rows(table, identities)
     crops = decode_crops(table.column(S.CROP).take(pa.array(order)))
     image_ids = table.column(S.IMAGE_ID).to_numpy(zero_copy_only=False)[order]
