@@ -98,6 +98,27 @@ def test_other_readers_see_the_same_rows(root):
     assert counted == sorted(images.groupby(S.STATUS).size().items())
 
 
+def test_local_tables_are_read_through_arrows_own_file_system(root):
+    """A local table's files go through Arrow's LocalFileSystem, not delta-rs's Python handler: buffers of that
+    handler are freed by Arrow's IO threads after a scan, and a process exiting meanwhile aborted (CI,
+    2026-12-03: a job's bad-input exit died of 'terminate called without an active exception'). Same rows."""
+    from deltalake import DeltaTable
+    from pyarrow import fs as pa_fs
+
+    from workers import delta
+
+    dataset.commit_records(root, shard_rows([f"/in/p{i % 3}/{i}.jpg" for i in range(12)], [1, 2, 0] * 4, "s1"))
+    dataset.commit_records(root, shard_rows(["/in/p0/0.jpg", "/in/p1/1.jpg"], [0, 1], "s2"))
+    uri = dataset.records_uri(root)
+    dt = DeltaTable(uri)
+    ours = delta.arrow_dataset(dt, uri)
+    assert isinstance(ours.filesystem, pa_fs.SubTreeFileSystem)
+    assert isinstance(ours.filesystem.base_fs, pa_fs.LocalFileSystem)
+    assert isinstance(dt.to_pyarrow_dataset().filesystem, pa_fs.PyFileSystem)   # what delta-rs would use
+    keys = [(S.URI, "ascending"), (S.FACE_INDEX, "ascending")]
+    assert ours.to_table().sort_by(keys).equals(dt.to_pyarrow_dataset().to_table().sort_by(keys))
+
+
 def test_check_output_refuses_foreign_and_old_folders(tmp_path):
     assert dataset.check_output(str(tmp_path / "new")) is None
     (tmp_path / "empty").mkdir()

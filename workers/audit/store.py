@@ -63,4 +63,4 @@ def read_audit(output: str, name: str, storage_options: dict | None = None, colu
     uri = table_uri(output, name)
     dt = DeltaTable(delta.table_uri(uri), version=int(version),
                     storage_options=delta.delta_options(uri, storage_options))
-    return dt.to_pyarrow_dataset().to_table(columns=columns)
+    return delta.arrow_dataset(dt, uri).to_table(columns=columns)

@@ -301,14 +301,15 @@ def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
     +383, and a worker's 500k-face share reads in 13.6-16.0 s instead of 21.2 s. A dataset without a records
     table yields nothing.
     """
-    table = delta.open_table(delta.records_uri(cfg.faces), dict(cfg.storage_options))
+    uri = delta.records_uri(cfg.faces)
+    table = delta.open_table(uri, dict(cfg.storage_options))
     if table is None:
         return
     where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string())) & (pc.field(S.FACE_INDEX) >= 0)
     if not cfg.all_faces:
         where = where & (pc.field(S.FACE_INDEX) == 0)
     where = _with_audit(cfg, where)
-    whole = table.to_pyarrow_dataset()
+    whole = delta.arrow_dataset(table, uri)
     for fragment in whole.get_fragments(filter=where):
         for group in fragment.split_by_row_group(filter=where):   # row-group statistics prune first
             # scanned with the table's schema, as the whole-table scan was, not with each file's own
