@@ -5,13 +5,14 @@ the bundled sample (8 images). A refactor of the shard graph, the actors or the 
 unchanged to float tolerance. To rewrite them after an intended change of results, run this module with
 ``FACEMILL_WRITE_EXPECTED=1`` and say why in the commit.
 
-Float tolerance is set by what another machine changes, not by one machine's bits. On another CPU or other
-library builds the detector's float sums come out in other last bits (CI on an AVX-512 AMD EPYC, 2026-12-03: boxes
-moved by ~4e-5 px, with the same code that passed CI the day before), which moves landmarks by about as much; the crop is rounded to uint8, so a few of its pixels change by one level and each embedding element by up
-to ~2.5e-4 (measured: aligning the stored landmarks in-process gives the stored embeddings to 6e-7; moving them by
-1e-4 px gives 1.4e-4, by 0.05 px, the landmark tolerance, 3.9e-3 and cosine 0.9999; by 0.5 px cosine 0.996).
-Embeddings are therefore checked as cosine >= 0.9995 per face and 5e-3 per element: consistent with the 0.05 px
-landmark tolerance, and far tighter than any real change of model, template or alignment (cosine < 0.99).
+Float tolerance is set by what another machine changes, not by one machine's bits. On another CPU or other library
+builds the detector's float sums come out in other last bits (CI on an AVX-512 AMD EPYC, 2026-12-03: boxes moved by
+~4e-5 px, with the same code that passed CI the day before), which moves landmarks by about as much; the crop is
+rounded to uint8, so a few of its pixels change by one level and each embedding element by up to ~2.5e-4 (measured:
+aligning the stored landmarks in-process gives the stored embeddings to 6e-7; moving them by 1e-4 px gives 1.4e-4,
+by 0.05 px, the landmark tolerance, 3.9e-3 and cosine 0.9999; by 0.5 px cosine 0.996). Embeddings are therefore
+checked as cosine >= 0.9995 per face and 5e-3 per element: consistent with the 0.05 px landmark tolerance, and far
+tighter than any real change of model, template or alignment (cosine < 0.99).
 """
 from __future__ import annotations
 

@@ -187,6 +187,8 @@ def test_encoded_faces_decode_to_load_faces(tiny):
     some = load_encoded_faces(cfg, split.train, [4, 1])
     assert set(some.labels.tolist()) == {1, 4} and len(some) == split.train_counts[1] + split.train_counts[4]
     assert len(load_encoded_faces(cfg, split.train, [])) == 0
+    for nobody in (load_faces(cfg, ("nobody",)), load_faces(DataConfig(faces=cfg.faces + "-absent"), ("id00",))):
+        assert len(nobody) == 0 and nobody.crops.shape[0] == 0 and nobody.labels.shape == (0,)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 13\)"):
         load_encoded_faces(cfg, split.train, [13])
 

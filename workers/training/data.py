@@ -267,15 +267,6 @@ def plan_split(cfg: DataConfig) -> IdentitySplit:
     return split_faces(read_face_index(cfg), cfg, excluded_identities(cfg.exclude_pairs))
 
 
-def _read_faces(cfg: DataConfig, names: Sequence[str], columns: list[str]) -> pa.Table:
-    """Rows of ``names`` only (same row rules as :func:`read_face_index`), filtered in the scan."""
-    where = pc.field(S.IDENTITY).isin(pa.array(list(names), pa.string()))
-    if not cfg.all_faces:
-        where = where & (pc.field(S.FACE_INDEX) == 0)
-    where = _with_audit(cfg, where)
-    return dataset.read_table(cfg.faces, S.FACES, dict(cfg.storage_options), columns=columns, filter=where)
-
-
 def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(rows of ``table`` sorted by image_id then face_index, int64 label of each of those rows)."""
     order = pc.sort_indices(table.select([S.IMAGE_ID, S.FACE_INDEX]),
@@ -289,7 +280,8 @@ def _sorted_rows(table: pa.Table, identities: Sequence[str]) -> tuple[np.ndarray
 
 def scan_faces(cfg: DataConfig, names: Sequence[str], columns: list[str],
                batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """The face rows of ``names`` (row rules of :func:`_read_faces`), one record batch at a time.
+    """The face rows of ``names`` (a non-null identity among them, ``face_index == 0`` unless ``cfg.all_faces``,
+    not excluded by ``cfg.exclude_audit``), one record batch at a time.
 
     The identity and face_index filters (``face_index >= 0``: the faces view) and the column projection are
     pushed down to the scan of the records table, as :func:`workers.dataset.read_table` does; unlike it, no
@@ -406,7 +398,8 @@ def load_faces(cfg: DataConfig, identities: tuple[str, ...] | list[str]) -> Face
     """
     columns = [S.IMAGE_ID, S.IDENTITY, S.FACE_INDEX, S.CROP]
     batches = list(scan_faces(cfg, identities, columns))
-    table = pa.Table.from_batches(batches) if batches else _read_faces(cfg, identities, columns)  # none: empty
+    table = (pa.Table.from_batches(batches) if batches
+             else pa.schema([S.FACES_SCHEMA.field(c) for c in columns]).empty_table())
     order, labels = _sorted_rows(table, identities)
     crops = decode_crops(table.column(S.CROP).take(pa.array(order)))
     image_ids = table.column(S.IMAGE_ID).to_numpy(zero_copy_only=False)[order]

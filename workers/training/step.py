@@ -4,7 +4,8 @@ A step takes a P x K batch of decoded crops (already augmented by the data threa
 left-right with probability 1/2, runs backbone + :class:`CombinedLoss` (classifier head and centers live in
 one module, :class:`FaceTrainNet`, so that DDP syncs both), adds the distillation term when it is on, clips
 gradients, steps AdamW under the warm-up + cosine schedule, then moves the loss centers (the head holds the
-worker's own identities, whose centers only its batches move: :mod:`workers.training.head`). Mixed precision (``torch.autocast``) is used on CUDA only.
+worker's own identities, whose centers only its batches move: :mod:`workers.training.head`). Mixed precision
+(``torch.autocast``) is used on CUDA only.
 
 Distillation (``distill_weight`` > 0): the frozen starting model ``f0`` embeds the un-augmented crop, flipped
 like the augmented one, and the step adds ``distill_weight * mean(1 - cos(f(augmented), f0(clean)))``: the

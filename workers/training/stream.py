@@ -6,8 +6,8 @@ columns) and keeps their crops as the stored JPEG bytes, packed into one buffer,
 instead of 37.6 kB decoded.
 Each step's P x K batch comes from the worker's own identities, so the identities of one step are disjoint
 across workers by construction; labels stay indices into ``split.train`` (the worker's loss head holds the rows
-of its own identities only, :mod:`workers.training.head`). :func:`prefetch_batches` decodes (``cv2.imdecode`` releases the GIL) and transforms
-the next batches in a small thread pool while the current step computes.
+of its own identities only, :mod:`workers.training.head`). :func:`prefetch_batches` decodes (``cv2.imdecode``
+releases the GIL) and transforms the next batches in a small thread pool while the current step computes.
 
 Schedule:
 

@@ -13,7 +13,8 @@ A metrics row (epoch N >= 1): ``loss`` ``softmax`` ``accuracy`` ``center`` ``tri
 unweighted, mean per step over all workers), ``num_triplets`` (mined per worker-step), ``fraction_active``,
 ``lr`` (backbone lr at the epoch's last step), ``samples``, ``train_time_s``, ``samples_per_s`` (all workers,
 training steps only), ``epoch_time_s`` (with evaluation), ``probe_*`` (loss parts on the fixed probe batch,
-eval mode; its softmax is over the probe's P identities, so it does not depend on the number of workers) and ``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``, ``val_std``, ``far`` at
+eval mode; its softmax is over the probe's P identities, so it does not depend on the number of workers) and
+``heldout_*`` (``accuracy``, ``accuracy_std`` over folds, ``val``, ``val_std``, ``far`` at
 ``far_target``; ``heldout_<domain>_*`` for each ``heldout_degrade`` domain). Row 0 holds the ``probe_*`` /
 ``heldout_*`` values of the starting weights.
 """
@@ -213,8 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
     if distributed:
         # Only the backbone is data-parallel. gradient_as_bucket_view: its gradients live in DDP's all-reduce buckets
         # instead of beside them (one copy of every gradient less).
-        ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)
+        ddp = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         model = FaceTrainNet(ddp, net.loss)
     step_fn = TrainStep(net, device, lr=cfg.lr, head_lr_multiplier=cfg.head_lr_multiplier,
                         weight_decay=cfg.weight_decay, total_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -250,14 +251,14 @@ def train_loop_per_worker(config: dict) -> None:
     release_freed_memory()
     history = read_history(cfg, start_epoch) if is_chief else []
     if checkpoint is None:
-        head = probe_head()
-    if is_chief and checkpoint is None:
-        probe_before = evaluator.probe(net, head)
-        heldout_before = heldout_last = evaluator.heldout(net)
-        row = {"epoch": 0, "world_size": world, **_prefixed("probe_", probe_before), **H.flatten(heldout_before)}
-        history = [row]
-        write_history(cfg, history)
-        print(json.dumps(row), flush=True)
+        head = probe_head()   # a collective, before the chief's row 0
+        if is_chief:
+            probe_before = evaluator.probe(net, head)
+            heldout_before = heldout_last = evaluator.heldout(net)
+            row = {"epoch": 0, "world_size": world, **_prefixed("probe_", probe_before), **H.flatten(heldout_before)}
+            history = [row]
+            write_history(cfg, history)
+            print(json.dumps(row), flush=True)
     release_freed_memory()
 
     batch = cfg.people_per_batch * cfg.images_per_person
